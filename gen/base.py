@@ -1,0 +1,305 @@
+"""Loading a base text-to-image model, and the fingerprint adapters are checked against.
+
+A base is loaded once per process and never moves; everything per user is small and moves
+around it. ``load_base`` accepts the built-in model, any local diffusers folder of the SD
+family, or a hub id (only when the caller opts into the network). Whatever the source, the
+pipeline is loaded the same way from a local folder, so the built-in model gets no special path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils import logging as diffusers_logging
+from safetensors import safe_open
+from transformers.utils import logging as transformers_logging
+
+from gen.errors import BaseLoadError, InvalidRequest
+from gen.paths import BUILTIN_DIR, cache_dir
+
+PIPELINE_FAMILIES: dict[str, tuple[str, type[DiffusionPipeline]]] = {
+    "StableDiffusionPipeline": ("sd", StableDiffusionPipeline),
+    "StableDiffusionXLPipeline": ("sdxl", StableDiffusionXLPipeline),
+}
+# Components whose weights define what an adapter can attach to, in a fixed order.
+WEIGHTED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+BUILTIN_BASE_DIR = BUILTIN_DIR / "base"
+DEFAULTS_FILE = "bespoke.json"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Per-base sampling defaults; a base folder may override them in ``bespoke.json``."""
+
+    steps: int = 25
+    guidance_scale: float = 7.5
+    scheduler: str = "ddim"
+    stand_in: bool = False  # true for a placeholder with untrained weights
+
+
+@dataclass
+class Base:
+    """A loaded base pipeline plus what the rest of the system needs to know about it."""
+
+    pipe: DiffusionPipeline
+    family: str  # "sd" or "sdxl"
+    source: str  # "builtin", a folder path or a hub id, as the user named it
+    folder: Path | None  # where the weights were read from; None for a pipeline built in memory
+    device: torch.device
+    dtype: torch.dtype
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identity of the weights, independent of device and dtype (see :func:`fingerprint_folder`)."""
+        if self.folder is not None:
+            return fingerprint_folder(self.folder)
+        return fingerprint_pipeline(self.pipe, self.family)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
+
+    @classmethod
+    def from_pipeline(cls, pipe: DiffusionPipeline, source: str = "memory") -> Base:
+        """Wrap a pipeline built in memory (tests, training) without going through disk."""
+        family = _family_of(type(pipe).__name__, source)
+        param = next(pipe.unet.parameters())
+        return cls(pipe=pipe, family=family, source=source, folder=None, device=param.device, dtype=param.dtype)
+
+
+def resolve_device_dtype(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """CUDA in half precision when present, else CPU in float32; both overridable, and checked."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise InvalidRequest(f"unknown device {str(device)!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequest("device 'cuda' was requested but no CUDA GPU is available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidRequest("device 'mps' was requested but MPS is not available")
+
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise InvalidRequest(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
+        dtype = _DTYPES[dtype.lower()]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise InvalidRequest(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    if device.type == "cpu" and dtype == torch.float16:
+        raise InvalidRequest("float16 cannot run on the cpu (missing kernels); use float32 or bfloat16")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise InvalidRequest("bfloat16 is not supported by this GPU; use float16")
+    return device, dtype
+
+
+def load_base(
+    spec: str | os.PathLike = "builtin",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    allow_network: bool = False,
+) -> Base:
+    """Load a base: ``"builtin"``, a local diffusers folder, or a hub id (needs ``allow_network``)."""
+    device, dtype = resolve_device_dtype(device, dtype)
+    source = os.fspath(spec)
+    folder = _locate(source, allow_network)
+    class_name = _read_model_index(folder).get("_class_name", "")
+    family, pipeline_cls = PIPELINE_FAMILIES.get(class_name, (None, None))
+    if pipeline_cls is None:
+        _family_of(class_name, source)  # raises with the supported list
+
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+    with _quiet_hf():
+        try:
+            pipe = pipeline_cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True, **extra)
+        except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BaseLoadError(f"cannot load the pipeline in {folder}: {first_line}") from e
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return Base(pipe=pipe, family=family, source=source, folder=folder, device=device, dtype=dtype, defaults=_read_defaults(folder))
+
+
+def _family_of(class_name: str, source: str) -> str:
+    if class_name not in PIPELINE_FAMILIES:
+        supported = ", ".join(PIPELINE_FAMILIES)
+        raise BaseLoadError(f"{source} holds a {class_name or 'pipeline of unknown class'}; supported pipelines: {supported}")
+    return PIPELINE_FAMILIES[class_name][0]
+
+
+def _locate(source: str, allow_network: bool) -> Path:
+    """Map a base spec to a local folder, downloading only when explicitly allowed."""
+    if source == "builtin":
+        if not (BUILTIN_BASE_DIR / "model_index.json").is_file():
+            raise BaseLoadError(f"the built-in base is missing from {BUILTIN_BASE_DIR}; reinstall the package")
+        return BUILTIN_BASE_DIR
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BaseLoadError(f"{source} is a file, not a diffusers pipeline folder")
+        return path.resolve()
+    if not _looks_like_hub_id(source):
+        raise BaseLoadError(f"no base at {source}: expected 'builtin', a local diffusers folder, or a hub id like 'org/name'")
+    return _hub_snapshot(source, allow_network)
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts) and not source.startswith(("/", "~", "."))
+
+
+def _hub_snapshot(repo_id: str, allow_network: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.txt", "*.safetensors", "*.model"]
+    try:
+        with _quiet_hf():
+            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        if not allow_network:
+            raise BaseLoadError(
+                f"{repo_id} is not a local folder and not in the local hub cache; "
+                "pass allow_network=True (CLI: --allow-network) to download it"
+            ) from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise BaseLoadError(f"cannot download {repo_id}: {str(e).splitlines()[0]}") from e
+
+
+def _read_model_index(folder: Path) -> dict:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise BaseLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        return json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BaseLoadError(f"{index} is not valid JSON: {e}") from e
+
+
+def _read_defaults(folder: Path) -> SamplingDefaults:
+    path = folder / DEFAULTS_FILE
+    if not path.is_file():
+        return SamplingDefaults()
+    known = SamplingDefaults.__dataclass_fields__
+    data = json.loads(path.read_text()).get("sampling", {})
+    return SamplingDefaults(**{k: v for k, v in data.items() if k in known})
+
+
+class _quiet_hf:
+    """Silence diffusers/transformers info logs and loading bars; our own progress is shown instead."""
+
+    def __enter__(self):
+        self._levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        diffusers_logging.set_verbosity(self._levels[0])
+        transformers_logging.set_verbosity(self._levels[1])
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+
+
+# --- fingerprints -----------------------------------------------------------------------------
+#
+# The fingerprint hashes every weight tensor's name, dtype, shape and bytes as stored, component
+# by component. The same weights give the same fingerprint whether they are read from a folder
+# or held by a pipeline built in memory, and whatever device or dtype the pipeline runs in.
+# Hashing a large folder takes seconds, so folder results are cached on disk, keyed by each
+# weight file's path, size and modification time.
+
+
+def _digest_tensors(hasher, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    for name, tensor in sorted(named, key=lambda kv: kv[0]):
+        t = tensor.detach().to("cpu").contiguous()
+        hasher.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
+        hasher.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def fingerprint_pipeline(pipe: DiffusionPipeline, family: str) -> str:
+    """Fingerprint of a pipeline held in memory (hashes its state dicts)."""
+    hasher = hashlib.sha256(family.encode())
+    for name in WEIGHTED_COMPONENTS:
+        module = getattr(pipe, name, None)
+        if module is not None:
+            hasher.update(f"#{name}".encode())
+            _digest_tensors(hasher, module.state_dict().items())
+    return hasher.hexdigest()[:16]
+
+
+def _weight_files(folder: Path, component: str) -> list[Path]:
+    return sorted((folder / component).glob("*.safetensors"))
+
+
+def fingerprint_folder(folder: str | os.PathLike) -> str:
+    """Fingerprint of a diffusers folder, cached on disk by weight-file size and mtime."""
+    folder = Path(folder).resolve()
+    class_name = _read_model_index(folder).get("_class_name", "")
+    family = _family_of(class_name, str(folder))
+    files = [(c, f) for c in WEIGHTED_COMPONENTS for f in _weight_files(folder, c)]
+    key = hashlib.sha256(
+        json.dumps([[c, str(f), f.stat().st_size, f.stat().st_mtime_ns] for c, f in files]).encode()
+    ).hexdigest()
+    cache_file = cache_dir() / "fingerprints.json"
+    cached = _read_json(cache_file)
+    if key in cached:
+        return cached[key]
+
+    hasher = hashlib.sha256(family.encode())
+    for component in WEIGHTED_COMPONENTS:
+        component_files = _weight_files(folder, component)
+        if not component_files:
+            continue
+        hasher.update(f"#{component}".encode())
+        named = []
+        for path in component_files:
+            with safe_open(path, framework="pt") as f:
+                named += [(k, f.get_tensor(k)) for k in f.keys()]
+        _digest_tensors(hasher, named)
+    fingerprint = hasher.hexdigest()[:16]
+    cached[key] = fingerprint
+    _write_json_atomic(cache_file, cached)
+    return fingerprint
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    """Best effort: the cache is an optimisation, so a read-only home must not break loading."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass

@@ -1,0 +1,113 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gen.base import Base, fingerprint_folder, load_base, resolve_device_dtype
+from gen.errors import BaseLoadError, InvalidRequest
+from gen.tiny import build_tiny_pipeline
+
+
+@pytest.mark.parametrize("family, cls", [("sd", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline")])
+def test_loads_each_family_from_a_folder(family, cls, request):
+    folder = request.getfixturevalue(f"tiny_{family}_dir")
+    base = load_base(folder)
+    assert base.family == family
+    assert type(base.pipe).__name__ == cls
+    assert base.device.type == "cpu" and base.dtype == torch.float32
+    assert base.default_size == 64
+
+
+def test_fingerprint_is_stable_and_independent_of_dtype_and_route(tiny_sd_dir):
+    fp = load_base(tiny_sd_dir).fingerprint
+    assert len(fp) == 16
+    assert load_base(tiny_sd_dir, dtype="bfloat16").fingerprint == fp
+    assert Base.from_pipeline(build_tiny_pipeline("sd")).fingerprint == fp  # same seed, built in memory
+    assert fingerprint_folder(tiny_sd_dir) == fp  # cached path agrees
+
+
+def test_fingerprint_changes_when_any_weight_changes(tiny_sd_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_sd_dir, copy)
+    weights = next((copy / "text_encoder").glob("*.safetensors"))
+    tensors = load_file(weights)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] += 1e-3
+    save_file(tensors, weights)
+    assert fingerprint_folder(copy) != fingerprint_folder(tiny_sd_dir)
+
+
+def test_dtype_override_is_applied(tiny_sd_dir):
+    base = load_base(tiny_sd_dir, dtype="bf16")
+    assert next(base.pipe.unet.parameters()).dtype == torch.bfloat16
+
+
+def test_unknown_path_is_a_clear_error(tmp_path):
+    with pytest.raises(BaseLoadError, match="no base at"):
+        load_base(str(tmp_path / "nope" / "deeper"))
+
+
+def test_folder_without_model_index_is_refused(tmp_path):
+    with pytest.raises(BaseLoadError, match="not a diffusers pipeline folder"):
+        load_base(tmp_path)
+
+
+def test_a_file_is_not_a_base(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x")
+    with pytest.raises(BaseLoadError, match="is a file"):
+        load_base(f)
+
+
+def test_unsupported_pipeline_class_is_named(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(BaseLoadError, match="FluxPipeline.*supported pipelines: StableDiffusionPipeline"):
+        load_base(tmp_path)
+
+
+def test_broken_component_is_reported_in_one_line(tiny_sd_dir, tmp_path):
+    copy = tmp_path / "broken"
+    shutil.copytree(tiny_sd_dir, copy)
+    next((copy / "unet").glob("*.safetensors")).write_bytes(b"not safetensors")
+    with pytest.raises(BaseLoadError, match="cannot load the pipeline") as info:
+        load_base(copy)
+    assert "\n" not in str(info.value)
+
+
+def test_hub_id_needs_explicit_network_opt_in(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(BaseLoadError, match="allow_network=True"):
+        load_base("some-org/some-model")
+
+
+def test_builtin_loads_offline():
+    base = load_base("builtin")
+    assert base.source == "builtin" and base.family == "sd"
+
+
+@pytest.mark.parametrize(
+    "device, dtype, message",
+    [
+        ("cpu", "float16", "float16 cannot run on the cpu"),
+        ("cpu", "int8", "unknown dtype"),
+        ("cpu", torch.int64, "not supported"),
+        ("tpu9", None, "unknown device"),
+    ],
+)
+def test_device_and_dtype_errors(device, dtype, message):
+    with pytest.raises(InvalidRequest, match=message):
+        resolve_device_dtype(device, dtype)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_refused():
+    with pytest.raises(InvalidRequest, match="no CUDA GPU"):
+        resolve_device_dtype("cuda")
+
+
+def test_defaults_pick_cpu_float32_here():
+    if not torch.cuda.is_available():
+        assert resolve_device_dtype() == (torch.device("cpu"), torch.float32)
