@@ -82,10 +82,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bespoke", description="Personalized text-to-image generation with per-user LoRA adapters.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = argparse.ArgumentParser(
+        prog="bespoke",
+        description="Personalized text-to-image generation with per-user LoRA adapters.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands listed below")
 
-    gen = sub.add_parser("generate", help="generate images from a prompt", description="Generate images; each PNG carries its provenance.")
+    gen = sub.add_parser("generate", help="generate images from a prompt; each PNG carries its provenance")
     _add_base_args(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
@@ -104,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--seed", type=int, default=0)
     quick.add_argument("--out", default="outputs/quickstart")
     quick.set_defaults(func=cmd_quickstart)
+
+    # argparse sizes its help columns before subcommands exist and wraps badly; list them ourselves.
+    parser.epilog = "commands:\n" + "\n".join(f"  {a.dest:<12}{a.help}" for a in sub._choices_actions)
+    sub._choices_actions.clear()
     return parser
 
 

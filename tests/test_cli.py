@@ -1,0 +1,53 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from gen.provenance import read_provenance
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bespoke(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BESPOKE_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "demo.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_help_lists_each_command_in_a_line(tmp_path):
+    out = bespoke("--help", home=tmp_path)
+    assert out.returncode == 0
+    for command in ["generate", "quickstart"]:
+        assert any(line.strip().startswith(command + " ") for line in out.stdout.splitlines()), command
+
+
+def test_generate_writes_pngs_with_provenance_and_a_sidecar(tiny_sd_dir, tmp_path):
+    out_dir = tmp_path / "out"
+    run = bespoke("generate", "--base", tiny_sd_dir, "--prompt", "a red mug", "-n", "2", "--seed", "3", "--steps", "3", "--out", str(out_dir), home=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    pngs = sorted(out_dir.glob("*.png"))
+    assert [p.name for p in pngs] == ["0000000003.png", "0000000004.png"]
+    sidecar = json.loads((out_dir / "provenance.json").read_text())
+    assert [r["seed"] for r in sidecar] == [3, 4]
+    prov = read_provenance(pngs[1])
+    assert prov.seed == 4 and prov.prompt == "a red mug" and prov.steps == 3
+    assert np.asarray(Image.open(pngs[0])).shape == (64, 64, 3)
+
+
+def test_user_errors_print_one_line_and_no_traceback(tiny_sd_dir, tmp_path):
+    cases = [
+        (["generate", "--base", str(tmp_path / "missing"), "--prompt", "x"], "no base at"),
+        (["generate", "--base", tiny_sd_dir, "--prompt", "  "], "prompt is empty"),
+        (["generate", "--base", tiny_sd_dir, "--prompt", "x", "--height", "63"], "not a multiple of the VAE factor"),
+        (["generate", "--base", tiny_sd_dir, "--prompt", "x", "--dtype", "float16", "--device", "cpu"], "float16 cannot run on the cpu"),
+    ]
+    for args, message in cases:
+        run = bespoke(*args, home=tmp_path)
+        assert run.returncode == 2, (args, run.stderr)
+        assert "Traceback" not in run.stderr
+        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], run.stderr
