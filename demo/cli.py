@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--out", default="outputs/quickstart")
     quick.set_defaults(func=cmd_quickstart)
 
+    from demo.cli_registry import add_registry_commands
+
+    add_registry_commands(sub)
+
     # argparse sizes its help columns before subcommands exist and wraps badly; list them ourselves.
     parser.epilog = "commands:\n" + "\n".join(f"  {a.dest:<12}{a.help}" for a in sub._choices_actions)
     sub._choices_actions.clear()

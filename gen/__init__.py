@@ -1,11 +1,26 @@
 """bespoke-diffusion's lower layer: base models, the world, sampling and evaluation.
 
 ``gen`` never imports ``adapters``; adapters reach the sampler through small protocols defined here.
+The names below import on first use, so ``import gen.errors`` (say, in a registry CLI command)
+does not pay for importing diffusers.
 """
 
-from gen.base import Base, load_base
-from gen.errors import BespokeError
-from gen.provenance import Provenance, read_provenance, save_png
-from gen.sampler import Generation, Sampler
+from importlib import import_module
 
-__all__ = ["Base", "BespokeError", "Generation", "Provenance", "Sampler", "load_base", "read_provenance", "save_png"]
+_EXPORTS = {
+    "Base": "gen.base",
+    "load_base": "gen.base",
+    "BespokeError": "gen.errors",
+    "Provenance": "gen.provenance",
+    "read_provenance": "gen.provenance",
+    "save_png": "gen.provenance",
+    "Generation": "gen.sampler",
+    "Sampler": "gen.sampler",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'gen' has no attribute {name!r}")

@@ -27,7 +27,7 @@ class LoraAdapter:
     tensors: dict[str, torch.Tensor]
     rank: int
     alpha: float
-    target_modules: tuple[str, ...]
+    target_modules: tuple[str, ...]  # peft-style name suffixes ("to_q") or full module paths, as trained/imported
     base_fingerprint: str
     trigger: str | None = None  # the token(s) that name the concept in a prompt, e.g. "sks" or "<rex>"
     class_word: str | None = None  # e.g. "dog"

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from gen.tiny import save_tiny_pipeline
+
+# Tiny models run fastest on one thread, and two test processes' thread pools thrash two cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
