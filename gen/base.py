@@ -138,7 +138,6 @@ def load_base(
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BaseLoadError(f"cannot load the pipeline in {folder}: {first_line}") from e
     pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
     return Base(pipe=pipe, family=family, source=source, folder=folder, device=device, dtype=dtype, defaults=_read_defaults(folder))
 
 

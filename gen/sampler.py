@@ -104,6 +104,7 @@ class Sampler:
     def __init__(self, base: Base):
         self.base = base
         self._lock = threading.Lock()
+        base.pipe.set_progress_bar_config(disable=True)  # progress goes through the ``progress`` callback
 
     def generate(
         self,
