@@ -1,0 +1,405 @@
+"""Pretrain the built-in base on the procedural world: VAE, then CLIP text encoder + UNet together.
+
+    python scripts/pretrain_base.py --out runs/pretrain                    # plain python, one process
+    accelerate launch scripts/pretrain_base.py --out runs/pretrain         # any accelerate config
+    python scripts/pretrain_base.py --out runs/pretrain --ship             # also copy into gen/builtin/base
+
+Recipe (why): the model works in a 4x-downsampled latent space (16x16x4 for 64x64 images) so a
+CPU can afford thousands of steps; v-prediction on a zero-terminal-SNR schedule, because epsilon
+prediction leaves global colour wrong at high noise (measured, see DESIGN.md); an EMA of the
+weights for sampling; 10% empty captions for classifier-free guidance. Every component is a
+standard diffusers/transformers class saved in standard pipeline layout, so the result loads
+through ``gen.load_base`` like any checkpoint.
+
+Deterministic given the seed and world size; resumable (``accelerate`` state in
+``OUT/checkpoint``), with progress bars and a sample grid every ``--sample-every`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gen import world  # noqa: E402
+from gen.base import BUILTIN_BASE_DIR, Base  # noqa: E402
+from gen.grid import make_grid  # noqa: E402
+from gen.sampler import Sampler  # noqa: E402
+from gen.tokenizer import build_clip_tokenizer  # noqa: E402
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "runs/pretrain"
+    seed: int = 0
+    pool_size: int = 40_000  # pre-rendered images (rendering on the fly would cost as much as training)
+    # VAE
+    vae_steps: int = 800
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    # text encoder + UNet
+    steps: int = 4000
+    batch: int = 32
+    lr: float = 6e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    max_tokens: int = 40  # world captions fit; shorter contexts make cross-attention cheaper
+    text_hidden: int = 128
+    text_layers: int = 4
+    # bookkeeping
+    sample_every: int = 500
+    checkpoint_every: int = 250
+    threads: int = 0  # torch threads per process; 0 = torch's default
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_vae(cfg: PretrainConfig) -> AutoencoderKL:
+    """64x64x3 <-> 16x16x4: three blocks, two downsamples."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=world.IMAGE_SIZE,
+    )
+
+
+def build_text_encoder(cfg: PretrainConfig, vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.text_hidden,
+            intermediate_size=4 * cfg.text_hidden,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=cfg.max_tokens,
+            projection_dim=cfg.text_hidden,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    )
+
+
+def build_unet(cfg: PretrainConfig) -> UNet2DConditionModel:
+    """Lean UNet: convolution only at 16x16, attention at 8x8 and 4x4."""
+    n = len(cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=world.IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=32,
+        norm_num_groups=32,
+    )
+
+
+def noise_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        clip_sample=False,
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+def render_pool(cfg: PretrainConfig) -> tuple[torch.Tensor, list[world.SceneSpec]]:
+    """Images (uint8, N x 3 x 64 x 64) of pretraining instances in training combinations only."""
+    images, specs = [], []
+    chunk = 2000
+    for start in tqdm(range(0, cfg.pool_size, chunk), desc="rendering world", unit="chunk"):
+        n = min(chunk, cfg.pool_size - start)
+        im, sp, _ = world.sample_dataset(n, seed=cfg.seed * 1_000_003 + start, instances="pretrain", combos="train")
+        images.append(torch.from_numpy(im).permute(0, 3, 1, 2).contiguous())
+        specs += sp
+    return torch.cat(images), specs
+
+
+def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float().div(127.5).sub(1.0)
+
+
+def batch_indices(cfg: PretrainConfig, step: int, accel: Accelerator, n: int, batch: int) -> np.ndarray:
+    """A batch that depends only on (seed, step, process): resuming replays exactly."""
+    rng = np.random.default_rng([cfg.seed, step, accel.process_index])
+    return rng.integers(0, n, size=batch)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def lr_lambda(cfg: PretrainConfig, total: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def train_vae(cfg: PretrainConfig, accel: Accelerator, pool: torch.Tensor, out: Path) -> AutoencoderKL:
+    """Reconstruction (MSE + L1) with a tiny KL term; then the latent scale is measured and stored.
+
+    The VAE is small and quick, so the main process trains it alone and the others load it.
+    """
+    vae_dir = out / "vae"
+    if accel.is_main_process and not (vae_dir / "config.json").is_file():
+        _fit_vae(cfg, pool, out, accel.device)
+    accel.wait_for_everyone()
+    return AutoencoderKL.from_pretrained(vae_dir).to(accel.device).eval()
+
+
+def _fit_vae(cfg: PretrainConfig, pool: torch.Tensor, out: Path, device) -> None:
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.vae_steps))
+    rng = np.random.default_rng([cfg.seed, 7])
+    bar = tqdm(range(cfg.vae_steps), desc="vae")
+    for _ in bar:
+        x = to_unit(pool[rng.integers(0, len(pool), cfg.vae_batch)]).to(device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        sample = to_unit(pool[:1024]).to(device)
+        latents = torch.cat([vae.encode(sample[i : i + 256]).latent_dist.mean for i in range(0, len(sample), 256)])
+        recon = torch.cat([vae.decode(latents[i : i + 256]).sample for i in range(0, len(latents), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    psnr = float(-10 * torch.log10(F.mse_loss(recon.clamp(-1, 1), sample) / 4))
+    print(f"vae: reconstruction PSNR {psnr:.1f} dB, latent std {latents.std():.3f}")
+    vae.save_pretrained(out / "vae")
+    (out / "vae_metrics.json").write_text(json.dumps({"psnr_db": psnr, "scaling_factor": vae.config.scaling_factor}))
+
+
+@torch.no_grad()
+def encode_pool(vae: AutoencoderKL, pool: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every pool image, scaled: training then costs no VAE passes."""
+    means, stds = [], []
+    for i in tqdm(range(0, len(pool), 512), desc="encoding latents", leave=False):
+        dist = vae.encode(to_unit(pool[i : i + 512]).to(device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    s = vae.config.scaling_factor
+    return torch.cat(means) * s, torch.cat(stds) * s
+
+
+def make_tokenizer(cfg: PretrainConfig, out: Path):
+    rng = np.random.default_rng(cfg.seed)
+    captions = [world.caption(world.sample_spec(rng), rng) for _ in range(20_000)]
+    tokenizer = build_clip_tokenizer(captions + world.VOCABULARY, str(out / "tokenizer"), num_merges=1500, model_max_length=cfg.max_tokens)
+    longest = max(len(ids) for ids in tokenizer(captions).input_ids)
+    if longest > cfg.max_tokens:
+        raise ValueError(f"world captions need {longest} tokens, more than max_tokens={cfg.max_tokens}")
+    return tokenizer
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+    sampling = DDIMScheduler.from_config(noise_scheduler().config)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampling,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+SAMPLE_PROMPTS = (
+    "a photo of a red mug on a green background",
+    "a blue car on the left, white background",
+    "two yellow birds under a blue sky",
+    "a small house on the right, water background",
+    "a cat wearing a hat on orange grass",
+    "a large purple robot in the center on a black background",
+)
+
+
+def save_samples(pipe: StableDiffusionPipeline, path: Path, step: int) -> None:
+    sampler = Sampler(Base.from_pipeline(pipe, source=f"pretrain step {step}"))
+    rows = [sampler.generate(p, num_images=4, seed=0, steps=25, guidance_scale=4.0).images for p in SAMPLE_PROMPTS]
+    make_grid(rows, row_labels=SAMPLE_PROMPTS, title=f"step {step}").save(path)
+
+
+def train_diffusion(cfg: PretrainConfig, accel: Accelerator, vae: AutoencoderKL, pool: torch.Tensor, specs, out: Path) -> StableDiffusionPipeline:
+    tokenizer = make_tokenizer(cfg, out)
+    torch.manual_seed(cfg.seed + 1)
+    text_encoder = build_text_encoder(cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    unet = build_unet(cfg)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    accel.print(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M")
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.steps))
+    unet, text_encoder, opt, sched = accel.prepare(unet, text_encoder, opt, sched)
+    accel.register_for_checkpointing(ema)
+    ema.to(accel.device)
+
+    ckpt = out / "checkpoint"
+    start = 0
+    if (ckpt / "step.json").is_file():
+        accel.load_state(str(ckpt))
+        start = json.loads((ckpt / "step.json").read_text())["step"]
+        accel.print(f"resumed from step {start}")
+
+    means, stds = encode_pool(vae, pool, accel.device)
+    noise = noise_scheduler()
+    alphas = noise.alphas_cumprod.to(accel.device)
+    log = []
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="unet+text", disable=not accel.is_main_process)
+    t0 = time.time()
+    for step in bar:
+        idx = batch_indices(cfg, step, accel, len(pool), cfg.batch)
+        rng = np.random.default_rng([cfg.seed, step, accel.process_index, 1])
+        captions = ["" if rng.random() < cfg.caption_dropout else world.caption(specs[i], rng) for i in idx]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(accel.device)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        x0 = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise.config.num_train_timesteps, (len(idx),), generator=gen)
+        x0, eps, t = x0.to(accel.device), eps.to(accel.device), t.to(accel.device)
+        a = alphas[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
+        noisy = a * x0 + s * eps
+        target = a * eps - s * x0  # v
+        with accel.accumulate(unet):
+            cond = text_encoder(ids)[0]
+            pred = unet(noisy, t, cond).sample
+            loss = F.mse_loss(pred.float(), target.float())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}; last good checkpoint is in {ckpt}")
+            accel.backward(loss)
+            accel.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        ema.step(params)
+        log.append((step, loss.item()))
+        bar.set_postfix(loss=f"{np.mean([l for _, l in log[-50:]]):.4f}")
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            accel.save_state(str(ckpt))
+            if accel.is_main_process:
+                (ckpt / "step.json").write_text(json.dumps({"step": done}))
+                with open(out / "loss.jsonl", "a") as f:
+                    f.writelines(json.dumps({"step": s_, "loss": l_}) + "\n" for s_, l_ in log)
+                log.clear()
+        if accel.is_main_process and (done % cfg.sample_every == 0 or done == cfg.steps):
+            pipe = ema_pipeline(ema, params, vae, accel.unwrap_model(text_encoder), tokenizer, accel.unwrap_model(unet))
+            save_samples(pipe, out / f"samples_{done:06d}.png", done)
+            accel.print(f"step {done}: {time.time() - t0:.0f}s, samples in {out}/samples_{done:06d}.png")
+    accel.wait_for_everyone()
+    return ema_pipeline(ema, params, vae, accel.unwrap_model(text_encoder), tokenizer, accel.unwrap_model(unet), keep=True)
+
+
+def ema_pipeline(ema, params, vae, text_encoder, tokenizer, unet, keep: bool = False) -> StableDiffusionPipeline:
+    """A pipeline with the EMA weights; unless ``keep``, the training weights are restored after use."""
+    if keep:
+        ema.copy_to(params)
+        return assemble_pipeline(vae, text_encoder.eval(), tokenizer, unet.eval())
+    import copy
+
+    ema.store(params)
+    ema.copy_to(params)
+    pipe = assemble_pipeline(copy.deepcopy(vae), copy.deepcopy(text_encoder).eval(), tokenizer, copy.deepcopy(unet).eval())
+    ema.restore(params)
+    return pipe
+
+
+def save_base(pipe: StableDiffusionPipeline, cfg: PretrainConfig, out: Path, argv: list[str]) -> Path:
+    """Save in diffusers layout with float16 weights (half the size; loading upcasts as asked)."""
+    final = out / "base"
+    if final.exists():
+        shutil.rmtree(final)
+    pipe.to(torch.float16).save_pretrained(final, safe_serialization=True)
+    pipe.to(torch.float32)
+    (final / "bespoke.json").write_text(
+        json.dumps(
+            {
+                "sampling": {"steps": 25, "guidance_scale": 4.0, "scheduler": "ddim"},
+                "recipe": {"command": "python scripts/pretrain_base.py " + " ".join(argv), "config": asdict(cfg)},
+            },
+            indent=2,
+        )
+    )
+    return final
+
+
+def parse_args(argv: list[str]) -> PretrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(PretrainConfig):
+        kind = type(f.default)
+        if kind is tuple:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=lambda s: tuple(int(x) for x in s.split(",")), default=f.default)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
+    parser.add_argument("--ship", action="store_true", help="copy the result into gen/builtin/base")
+    args = parser.parse_args(argv)
+    ship = args.__dict__.pop("ship")
+    return PretrainConfig(**vars(args)), ship
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg, ship = parse_args(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    accel = Accelerator()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    pool, specs = render_pool(cfg)
+    vae = train_vae(cfg, accel, pool, out)
+    pipe = train_diffusion(cfg, accel, vae, pool, specs, out)
+    if accel.is_main_process:
+        final = save_base(pipe, cfg, out, argv)
+        print(f"saved {final}")
+        if ship:
+            shutil.rmtree(BUILTIN_BASE_DIR, ignore_errors=True)
+            shutil.copytree(final, BUILTIN_BASE_DIR)
+            print(f"shipped to {BUILTIN_BASE_DIR}")
+
+
+if __name__ == "__main__":
+    main()
