@@ -3,6 +3,7 @@
     python scripts/pretrain_base.py --out runs/pretrain                    # plain python, one process
     accelerate launch scripts/pretrain_base.py --out runs/pretrain         # any accelerate config
     python scripts/pretrain_base.py --out runs/pretrain --ship             # also copy into gen/builtin/base
+    python scripts/pretrain_base.py --out runs/more --init-from gen/builtin/base --steps 4000   # train further
 
 Recipe (why): the model works in a 4x-downsampled latent space (16x16x4 for 64x64 images) so a
 CPU can afford thousands of steps; v-prediction on a zero-terminal-SNR schedule, because epsilon
@@ -34,7 +35,7 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gen import world  # noqa: E402
@@ -50,7 +51,7 @@ class PretrainConfig:
     seed: int = 0
     pool_size: int = 40_000  # pre-rendered images (rendering on the fly would cost as much as training)
     # VAE
-    vae_steps: int = 800
+    vae_steps: int = 2000
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
@@ -66,6 +67,7 @@ class PretrainConfig:
     max_tokens: int = 40  # world captions fit; shorter contexts make cross-attention cheaper
     text_hidden: int = 128
     text_layers: int = 4
+    init_from: str = ""  # continue from a saved pipeline folder (e.g. gen/builtin/base) instead of from scratch
     # bookkeeping
     sample_every: int = 500
     checkpoint_every: int = 250
@@ -179,21 +181,27 @@ def train_vae(cfg: PretrainConfig, accel: Accelerator, pool: torch.Tensor, out: 
     """Reconstruction (MSE + L1) with a tiny KL term; then the latent scale is measured and stored.
 
     The VAE is small and quick, so the main process trains it alone and the others load it.
+    Asking for more ``--vae-steps`` than a saved VAE has seen continues training it.
     """
+    if cfg.init_from:
+        return AutoencoderKL.from_pretrained(Path(cfg.init_from) / "vae").float().to(accel.device).eval()
     vae_dir = out / "vae"
-    if accel.is_main_process and not (vae_dir / "config.json").is_file():
-        _fit_vae(cfg, pool, out, accel.device)
+    done = json.loads((out / "vae_metrics.json").read_text())["steps"] if (out / "vae_metrics.json").is_file() else 0
+    if accel.is_main_process and done < cfg.vae_steps:
+        _fit_vae(cfg, pool, out, accel.device, done)
     accel.wait_for_everyone()
     return AutoencoderKL.from_pretrained(vae_dir).to(accel.device).eval()
 
 
-def _fit_vae(cfg: PretrainConfig, pool: torch.Tensor, out: Path, device) -> None:
-    torch.manual_seed(cfg.seed)
-    vae = build_vae(cfg).to(device)
+def _fit_vae(cfg: PretrainConfig, pool: torch.Tensor, out: Path, device, start: int) -> None:
+    torch.manual_seed(cfg.seed + start)
+    vae = (AutoencoderKL.from_pretrained(out / "vae") if start else build_vae(cfg)).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.vae_steps))
-    rng = np.random.default_rng([cfg.seed, 7])
-    bar = tqdm(range(cfg.vae_steps), desc="vae")
+    for _ in range(start):
+        sched.step()
+    rng = np.random.default_rng([cfg.seed, 7, start])
+    bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae")
     for _ in bar:
         x = to_unit(pool[rng.integers(0, len(pool), cfg.vae_batch)]).to(device)
         posterior = vae.encode(x).latent_dist
@@ -213,7 +221,8 @@ def _fit_vae(cfg: PretrainConfig, pool: torch.Tensor, out: Path, device) -> None
     psnr = float(-10 * torch.log10(F.mse_loss(recon.clamp(-1, 1), sample) / 4))
     print(f"vae: reconstruction PSNR {psnr:.1f} dB, latent std {latents.std():.3f}")
     vae.save_pretrained(out / "vae")
-    (out / "vae_metrics.json").write_text(json.dumps({"psnr_db": psnr, "scaling_factor": vae.config.scaling_factor}))
+    metrics = {"steps": cfg.vae_steps, "psnr_db": psnr, "scaling_factor": vae.config.scaling_factor}
+    (out / "vae_metrics.json").write_text(json.dumps(metrics))
 
 
 @torch.no_grad()
@@ -263,10 +272,16 @@ def save_samples(pipe: StableDiffusionPipeline, path: Path, step: int) -> None:
 
 
 def train_diffusion(cfg: PretrainConfig, accel: Accelerator, vae: AutoencoderKL, pool: torch.Tensor, specs, out: Path) -> StableDiffusionPipeline:
-    tokenizer = make_tokenizer(cfg, out)
     torch.manual_seed(cfg.seed + 1)
-    text_encoder = build_text_encoder(cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    unet = build_unet(cfg)
+    if cfg.init_from:
+        init = Path(cfg.init_from)
+        tokenizer = CLIPTokenizer.from_pretrained(init / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder").float()
+        unet = UNet2DConditionModel.from_pretrained(init / "unet").float()
+    else:
+        tokenizer = make_tokenizer(cfg, out)
+        text_encoder = build_text_encoder(cfg, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+        unet = build_unet(cfg)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     accel.print(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M")
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True)
