@@ -4,16 +4,25 @@ The diffusers pipeline does the denoising; this layer adds what a service needs 
 validated requests, one seed per image (so an image reproduces alone, whatever its batch),
 a scheduler chosen per call, a progress callback shared by the CLI and the demo, and a
 provenance record for every image.
+
+Given an :class:`~gen.adapter.AdapterSource`, a sampler also serves users' adapters: prompts
+may mention the user's concepts (``<rex>``, ``<rex:0.8>``; see :mod:`gen.concepts` and
+:mod:`gen.serving`). Requests from any number of threads are queued; whichever thread holds the
+run lock takes the oldest waiting request and every compatible one (same steps, size,
+scheduler, guidance and use of a negative prompt, within the batch limits), mixing users in
+one batch, and runs them as one pipeline call. Adapters are loaded in the caller's thread before
+queueing, so loading overlaps the batch running meanwhile.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import secrets
 import threading
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import (
@@ -25,9 +34,12 @@ from diffusers import (
 )
 from PIL import Image
 
+from gen.adapter import AdapterSource
 from gen.base import Base
+from gen.concepts import refuse_placeholders
 from gen.errors import InvalidRequest
 from gen.provenance import Provenance
+from gen.serving import NO_ADAPTERS, AdapterServing, Resolved, ServingConfig
 
 # name -> (scheduler class, config overrides). All are diffusers' own.
 SCHEDULERS: dict[str, tuple[type, dict]] = {
@@ -75,17 +87,21 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
 
 
-def fit_prompt(tokenizer, prompt: str) -> str:
-    """Return ``prompt`` cut at a word boundary to the text encoder's limit, warning with the dropped words."""
+def fit_prompt(tokenizer, prompt: str, expand: Callable[[str], str] = str) -> str:
+    """Return ``prompt`` cut at a word boundary to the text encoder's limit, warning with the dropped words.
+
+    Tokens are counted on ``expand(prompt)`` (concept mentions replaced by their text), so the
+    prompt keeps its mentions and replays to the same cut.
+    """
     limit = tokenizer.model_max_length - 2  # start and end tokens
-    n_tokens = len(tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids)
+    n_tokens = len(tokenizer(expand(prompt), add_special_tokens=False, verbose=False).input_ids)
     if n_tokens <= limit:
         return prompt
     words = re.findall(r"\S+", prompt)
     lo, hi = 0, len(words)
     while lo < hi:  # longest word prefix that fits
         mid = (lo + hi + 1) // 2
-        if len(tokenizer(" ".join(words[:mid]), add_special_tokens=False, verbose=False).input_ids) <= limit:
+        if len(tokenizer(expand(" ".join(words[:mid])), add_special_tokens=False, verbose=False).input_ids) <= limit:
             lo = mid
         else:
             hi = mid - 1
@@ -98,12 +114,59 @@ def fit_prompt(tokenizer, prompt: str) -> str:
     return " ".join(words[:lo])
 
 
-class Sampler:
-    """Generates images from one warm base. Thread-safe: calls on one sampler run one at a time."""
+@dataclass(frozen=True)
+class Request:
+    """One ``generate`` call's arguments; ``None`` settings take the base's defaults."""
 
-    def __init__(self, base: Base):
+    prompt: str
+    negative_prompt: str | None = None
+    num_images: int = 1
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    height: int | None = None
+    width: int | None = None
+    user: str | None = None
+    style: str | None = None  # a style adapter of the user's, "name" or "name:weight"
+    progress: ProgressFn | None = None
+
+
+@dataclass
+class _Job:
+    """A validated request waiting in the queue for its batch."""
+
+    request: Request  # settings filled in, prompts fitted
+    text: str  # what the text encoder reads (new tokens as local placeholders)
+    seeds: list[int]
+    resolved: Resolved
+    done: bool = False
+    result: Generation | None = None
+    error: BaseException | None = None
+
+    @property
+    def key(self) -> tuple:
+        """Requests with equal keys can share a pipeline call."""
+        r = self.request
+        return (r.steps, r.guidance_scale, r.scheduler, r.height, r.width, r.negative_prompt is None)
+
+
+class Sampler:
+    """Generates images from one warm base, for any number of users and threads.
+
+    ``adapters`` (optional) is where users' concepts come from; without it prompts are plain text.
+    """
+
+    def __init__(self, base: Base, adapters: AdapterSource | None = None, config: ServingConfig = ServingConfig()):
         self.base = base
-        self._lock = threading.Lock()
+        self.config = config
+        self.serving = AdapterServing(base, adapters, config) if adapters is not None else None
+        # Fast tokenizers keep padding/truncation settings as mutable state, so the pipeline's calls
+        # (under the run lock) and prompt fitting in callers' threads must not share one tokenizer.
+        self._fit_tokenizer = copy.deepcopy(base.pipe.tokenizer)
+        self._lock = threading.Lock()  # held while a batch runs
+        self._pending: list[_Job] = []
+        self._pending_lock = threading.Lock()
         base.pipe.set_progress_bar_config(disable=True)  # progress goes through the ``progress`` callback
 
     def generate(
@@ -118,59 +181,148 @@ class Sampler:
         scheduler: str | None = None,
         height: int | None = None,
         width: int | None = None,
+        user: str | None = None,
+        style: str | None = None,
         progress: ProgressFn | None = None,
     ) -> Generation:
-        """Generate ``num_images`` images for ``prompt``; image ``i`` uses seed ``seed + i``."""
-        defaults = self.base.defaults
-        steps = defaults.steps if steps is None else steps
-        guidance_scale = defaults.guidance_scale if guidance_scale is None else float(guidance_scale)
-        scheduler = scheduler or defaults.scheduler
-        height = self.base.default_size if height is None else height
-        width = self.base.default_size if width is None else width
-        self._validate(prompt, num_images, steps, guidance_scale, height, width)
-        pipe = self.base.pipe
-        prompt = fit_prompt(pipe.tokenizer, prompt)
-        if negative_prompt:
-            negative_prompt = fit_prompt(pipe.tokenizer, negative_prompt)
-        seeds = image_seeds(seed, num_images)
-        f = self.base.vae_scale_factor
-        latents = initial_noise(seeds, (pipe.unet.config.in_channels, height // f, width // f))
+        """Generate ``num_images`` images for ``prompt``; image ``i`` uses seed ``seed + i``.
 
-        def on_step_end(_pipe, i, _t, kwargs):
-            if progress is not None:
-                progress(i + 1, steps)
-            return kwargs
+        With ``user``, the prompt may mention that user's concepts (``<rex>``, ``<rex:0.8>``) and
+        ``style`` may add one of their adapters by name (``"watercolor"`` or ``"watercolor:0.6"``).
+        """
+        request = Request(
+            prompt, negative_prompt, num_images, seed, steps, guidance_scale, scheduler, height, width, user, style, progress
+        )
+        return self.generate_many([request])[0]
 
+    def generate_many(self, requests: Sequence[Request]) -> list[Generation]:
+        """Serve several requests (any users), batched with each other and with other threads' requests."""
+        jobs = [self._plan(r) for r in requests]
+        with self._pending_lock:
+            self._pending += jobs
         with self._lock:
-            pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-            out = pipe(
-                prompt=[prompt] * num_images,
-                negative_prompt=[negative_prompt] * num_images if negative_prompt else None,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                height=height,
-                width=width,
-                latents=latents.to(self.base.device, self.base.dtype),
-                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                callback_on_step_end=on_step_end,
-                output_type="pil",
-            )
-        records = [
+            while not all(job.done for job in jobs):
+                self._run_batch(self._next_batch())
+        for job in jobs:
+            if job.error is not None:
+                raise job.error
+        return [job.result for job in jobs]
+
+    def _plan(self, request: Request) -> _Job:
+        """Validate, fill in defaults, resolve adapters and fit the prompt: everything before the queue."""
+        defaults = self.base.defaults
+        r = replace(
+            request,
+            steps=defaults.steps if request.steps is None else request.steps,
+            guidance_scale=defaults.guidance_scale if request.guidance_scale is None else float(request.guidance_scale),
+            scheduler=request.scheduler or defaults.scheduler,
+            height=self.base.default_size if request.height is None else request.height,
+            width=self.base.default_size if request.width is None else request.width,
+        )
+        self._validate(r.prompt, r.num_images, r.steps, r.guidance_scale, r.height, r.width)
+        make_scheduler(r.scheduler, self.base.pipe.scheduler.config)  # refuse an unknown name before queueing
+        tokenizer = self._fit_tokenizer
+        if self.serving is not None:
+            refuse_placeholders(r.negative_prompt)
+            resolved = self.serving.resolve(r.user, r.prompt, r.style)
+        elif r.style is not None:
+            raise InvalidRequest("a style needs a sampler with an adapter source")
+        else:
+            resolved = NO_ADAPTERS
+        prompt = fit_prompt(tokenizer, r.prompt, resolved.expand)
+        negative = fit_prompt(tokenizer, r.negative_prompt) if r.negative_prompt else None
+        r = replace(r, prompt=prompt, negative_prompt=negative)
+        return _Job(r, resolved.expand(prompt), image_seeds(r.seed, r.num_images), resolved)
+
+    def _next_batch(self) -> list[_Job]:
+        """The oldest waiting job and every later compatible one that fits the batch limits."""
+        with self._pending_lock:
+            batch, rest = [self._pending[0]], []
+            images = batch[0].request.num_images
+            for job in self._pending[1:]:
+                fits = job.key == batch[0].key and images + job.request.num_images <= self.config.max_batch_images
+                if fits and self.serving is not None:
+                    fits = self.serving.fits([j.resolved for j in batch] + [job.resolved])
+                if fits:
+                    batch.append(job)
+                    images += job.request.num_images
+                else:
+                    rest.append(job)
+            self._pending = rest
+        return batch
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        """One pipeline call for ``jobs``; each job gets its images or the error."""
+        try:
+            images = self._denoise(jobs)
+        except BaseException as e:  # the batch failed: every job in it reports the error
+            for job in jobs:
+                job.error, job.done = e, True
+            if not isinstance(e, Exception):
+                raise
+            return
+        start = 0
+        for job in jobs:
+            n = job.request.num_images
+            job.result = Generation(images=images[start : start + n], provenance=self._provenance(job))
+            job.done = True
+            start += n
+
+    def _provenance(self, job: _Job) -> list[Provenance]:
+        r = job.request
+        return [
             Provenance(
                 base=self.base.source,
                 base_fingerprint=self.base.fingerprint,
-                prompt=prompt,
-                negative_prompt=negative_prompt,
+                prompt=r.prompt,
+                negative_prompt=r.negative_prompt,
                 seed=s,
-                scheduler=scheduler,
-                steps=steps,
-                guidance_scale=guidance_scale,
-                height=height,
-                width=width,
+                scheduler=r.scheduler,
+                steps=r.steps,
+                guidance_scale=r.guidance_scale,
+                height=r.height,
+                width=r.width,
+                adapters=job.resolved.provenance(),
+                user=r.user,
             )
-            for s in seeds
+            for s in job.seeds
         ]
-        return Generation(images=list(out.images), provenance=records)
+
+    def _denoise(self, jobs: list[_Job]) -> list[Image.Image]:
+        if self.serving is None:
+            return self._call_pipeline(jobs, [job.text for job in jobs])
+        try:
+            return self._call_pipeline(jobs, self.serving.activate([(job.resolved, job.request.num_images, job.text) for job in jobs]))
+        finally:
+            self.serving.deactivate()
+
+    def _call_pipeline(self, jobs: list[_Job], texts: list[str]) -> list[Image.Image]:
+        pipe, first = self.base.pipe, jobs[0].request
+        rows = [(job, text) for job, text in zip(jobs, texts) for _ in range(job.request.num_images)]
+        seeds = [s for job in jobs for s in job.seeds]
+        f = self.base.vae_scale_factor
+        latents = initial_noise(seeds, (pipe.unet.config.in_channels, first.height // f, first.width // f))
+
+        def on_step_end(_pipe, i, _t, kwargs):
+            for job in jobs:
+                if job.request.progress is not None:
+                    job.request.progress(i + 1, first.steps)
+            return kwargs
+
+        pipe.scheduler = make_scheduler(first.scheduler, pipe.scheduler.config)
+        out = pipe(
+            prompt=[text for _, text in rows],
+            negative_prompt=[job.request.negative_prompt for job, _ in rows] if first.negative_prompt else None,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            height=first.height,
+            width=first.width,
+            latents=latents.to(self.base.device, self.base.dtype),
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            callback_on_step_end=on_step_end,
+            output_type="pil",
+        )
+        return list(out.images)
 
     def _validate(self, prompt, num_images, steps, guidance_scale, height, width) -> None:
         if not isinstance(prompt, str) or not prompt.strip():

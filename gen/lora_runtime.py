@@ -1,0 +1,390 @@
+"""The fast LoRA runtime: preallocated slots on a model's target layers, filled by one batched copy.
+
+peft serves one user well and many users badly: loading injects wrapper modules, switching
+(``set_adapters``) walks every layer, and each active adapter adds its own kernels per layer.
+Serving many users from one warm base wants the opposite, so the layers are prepared ONCE:
+
+* every target ``nn.Linear`` / ``nn.Conv2d`` gets a forward hook and a bank of slots,
+  ``A`` (bank, max_rank, in[, kh, kw]) and ``Bt`` (bank, max_rank, out). Rows past the rank
+  written into a slot are zero, so unused rank contributes nothing;
+* an adapter is *packed* once for these slots (alpha/rank folded into ``Bt``, cast to the model's
+  dtype and device) and switching to it is one ``torch._foreach_copy_`` into a slot. Buffers are
+  allocated once and never move, so a CUDA graph captured over the hooks survives a switch;
+* composing k adapters concatenates their ranks in one slot, each part's ``Bt`` scaled by its weight;
+* a batch whose rows use different adapters gathers each row's ``A``/``Bt`` from the bank and
+  runs ``torch.bmm``. When classifier-free guidance doubles the batch the per-row slot list is
+  repeated block-wise, so a negative-prompt row gets its prompt row's adapter (as in diffusers,
+  where an active LoRA applies to both halves);
+* a batch with one adapter set may instead run *fused*: ``W = W0 + Bt^T A`` written in place into
+  the targeted layers and restored from a pristine copy of just those layers.
+
+A bank slot (index 0) is kept empty for rows without an adapter in a mixed batch.
+:class:`LoraRuntime` is not thread-safe: the sampler calls it under its run lock.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gen.adapter import LoraAdapter
+from gen.errors import InvalidRequest
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+EMPTY_SLOT = 0
+
+
+class AdapterDoesNotFit(InvalidRequest):
+    """An adapter targets layers or shapes the runtime has no slots for, or exceeds its rank budget."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Which layers get slots and how large the slots are; fixed once the runtime is prepared."""
+
+    unet_targets: tuple[str, ...] = UNET_TARGETS
+    text_targets: tuple[str, ...] = TEXT_TARGETS
+    max_rank: int = 64  # total rank of the adapters composed for one request
+    bank_size: int = 8  # distinct adapter sets in one batch
+    # Run one-adapter-set batches fused into the UNet weights. Off: on the CPU (SD1.5 UNet, 8x8
+    # latents, rank 16) the slots already cost ~1% per forward, within noise of fused, while a
+    # fused switch (restore + addmm over 128 layers) costs ~240 ms against ~3.4 ms for a slot
+    # copy. On CUDA, where eager hooks add kernel launches, measure with scripts/bench_serving.py.
+    fuse_single: bool = False
+
+
+@dataclass(frozen=True)
+class PackedLora:
+    """One adapter's tensors for one model's slots: per target layer ``A`` and scaled ``Bt``."""
+
+    layers: tuple[int, ...]  # slot-layer index of each pair
+    a: tuple[torch.Tensor, ...]  # (rank, in[, kh, kw])
+    bt: tuple[torch.Tensor, ...]  # (rank, out), alpha/rank folded in
+    rank: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.a, *self.bt))
+
+    def to(self, device: torch.device | str) -> PackedLora:
+        move = partial(torch.Tensor.to, device=device, non_blocking=True)
+        return PackedLora(self.layers, tuple(map(move, self.a)), tuple(map(move, self.bt)), self.rank)
+
+
+@dataclass(frozen=True)
+class _Active:
+    rank: int
+    slot: int | None = None  # one slot for every row
+    rows: torch.Tensor | None = None  # or a slot per request row
+
+
+def matches_target(name: str, targets: Sequence[str]) -> bool:
+    """peft's rule: a module is targeted when its path equals a target or ends with ``.<target>``."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+class LoraSlots:
+    """LoRA slots on every target layer of one model (a UNet or a text encoder)."""
+
+    def __init__(self, model: nn.Module, targets: Sequence[str], max_rank: int, bank_size: int):
+        self.layers: dict[str, nn.Module] = {
+            name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and matches_target(name, targets)
+        }
+        self._index = {name: i for i, name in enumerate(self.layers)}
+        param = next(model.parameters())
+        self.device, self.dtype, self.max_rank = param.device, param.dtype, max_rank
+        slots = bank_size + 1  # + the empty slot
+        self.a: list[torch.Tensor] = []
+        self.bt: list[torch.Tensor] = []
+        for name, layer in self.layers.items():
+            if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"):
+                raise ValueError(f"{name}: LoRA slots need a plain Conv2d (groups=1, zero padding)")
+            in_shape = (layer.in_features,) if isinstance(layer, nn.Linear) else (layer.in_channels, *layer.kernel_size)
+            out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+            self.a.append(torch.zeros(slots, max_rank, *in_shape, dtype=self.dtype, device=self.device))
+            self.bt.append(torch.zeros(slots, max_rank, out, dtype=self.dtype, device=self.device))
+        self._ranks = [0] * slots  # rows >= _ranks[s] are zero in every layer of slot s
+        self._active: _Active | None = None
+        self._row_index: dict[int, torch.Tensor] = {}
+        self._pristine: list[torch.Tensor] | None = None
+        self.fused = False
+        self._handles = [layer.register_forward_hook(partial(self._hook, i)) for i, layer in enumerate(self.layers.values())]
+
+    # --- adapters in and out of slots ---
+
+    def pack(
+        self, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scale: float, what: str, device: torch.device | str | None = None
+    ) -> PackedLora:
+        """Pack diffusers-layout ``{module: (lora_A, lora_B)}`` for these slots; ``what`` names the adapter in errors.
+
+        The result is on ``device`` (default: the slots' device) in the slots' dtype; host copies
+        for a CUDA runtime are pinned so the copy up can run asynchronously.
+        """
+        layers, a_list, bt_list, ranks = [], [], [], set()
+        for name, (a, b) in sorted(pairs.items(), key=lambda kv: self._index.get(kv[0], -1)):
+            i = self._index.get(name)
+            if i is None:
+                raise AdapterDoesNotFit(f"{what} targets {name}, which has no LoRA slot (slots cover {len(self.layers)} layers)")
+            rank = a.shape[0]
+            slot_a, slot_bt = self.a[i], self.bt[i]
+            if tuple(a.shape[1:]) != tuple(slot_a.shape[2:]) or tuple(b.shape[:2]) != (slot_bt.shape[2], rank):
+                raise AdapterDoesNotFit(f"{what}: LoRA shapes {tuple(a.shape)} / {tuple(b.shape)} do not fit layer {name}")
+            layers.append(i)
+            a_list.append(self._place(a, device))
+            bt_list.append(self._place(b.reshape(b.shape[0], rank).float().t() * scale, device))
+            ranks.add(rank)
+        if len(ranks) > 1:
+            raise AdapterDoesNotFit(f"{what} mixes LoRA ranks {sorted(ranks)} across layers")
+        rank = ranks.pop() if ranks else 0
+        if rank > self.max_rank:
+            raise AdapterDoesNotFit(f"{what} has rank {rank}, over the runtime's max_rank {self.max_rank}")
+        return PackedLora(tuple(layers), tuple(a_list), tuple(bt_list), rank)
+
+    def _place(self, tensor: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+        device = self.device if device is None else torch.device(device)
+        tensor = tensor.to(device, self.dtype).contiguous()
+        return tensor.pin_memory() if device.type == "cpu" and self.device.type == "cuda" else tensor
+
+    def load(self, slot: int, parts: Sequence[tuple[PackedLora, float]]) -> None:
+        """Write ``parts`` (packed adapter, weight) into ``slot``, ranks concatenated: one batched copy.
+
+        Rows a previous occupant used and this one does not are zeroed first (one batched zero),
+        and parts with a weight other than 1 are scaled in place (one batched multiply each).
+        """
+        total = sum(p.rank for p, _ in parts)
+        if total > self.max_rank:
+            raise AdapterDoesNotFit(f"composed rank {total} is over the runtime's max_rank {self.max_rank}")
+        covered_by_all = set.intersection(*(set(p.layers) for p, _ in parts)) if parts else set()
+        old = self._ranks[slot]
+        zero = []
+        for i in range(len(self.layers)):
+            lo, hi = (total, old) if i in covered_by_all else (0, max(old, total))
+            if hi > lo:
+                zero += [self.a[i][slot, lo:hi], self.bt[i][slot, lo:hi]]
+        dst, src, scaled = [], [], []
+        offset = 0
+        for packed, weight in parts:
+            span = slice(offset, offset + packed.rank)
+            bt_views = [self.bt[i][slot, span] for i in packed.layers]
+            dst += [self.a[i][slot, span] for i in packed.layers] + bt_views
+            src += [*packed.a, *packed.bt]
+            if weight != 1:
+                scaled.append((bt_views, weight))
+            offset += packed.rank
+        with torch.no_grad():
+            if zero:
+                torch._foreach_zero_(zero)
+            if dst:
+                torch._foreach_copy_(dst, src)
+            for views, weight in scaled:
+                torch._foreach_mul_(views, weight)
+        self._ranks[slot] = total
+
+    # --- what the hooks do ---
+
+    def use(self, slot: int) -> None:
+        """Every row uses ``slot`` (unfused)."""
+        self._set(_Active(self._ranks[slot], slot=slot))
+
+    def use_rows(self, row_slots: Sequence[int]) -> None:
+        """Row ``i`` of a request batch uses ``row_slots[i]``; a CFG-doubled batch repeats the list."""
+        rows = torch.tensor(row_slots, device=self.device)
+        self._set(_Active(max(self._ranks[s] for s in row_slots), rows=rows))
+
+    def disable(self) -> None:
+        self._set(None)
+
+    def _set(self, active: _Active | None) -> None:
+        self.unfuse()
+        self._active = active if active is not None and active.rank > 0 else None
+        self._row_index = {}
+
+    def fuse(self, slot: int) -> None:
+        """Write ``W0 + Bt^T A`` of ``slot`` into the target layers' weights; hooks go idle."""
+        self._set(None)
+        rank = self._ranks[slot]
+        if rank == 0 or not self.layers:
+            return
+        if self._pristine is None:  # kept from the first fuse on: a copy of the targeted layers only
+            self._pristine = [layer.weight.detach().clone() for layer in self.layers.values()]
+        with torch.no_grad():
+            for layer, pristine, a, bt in zip(self.layers.values(), self._pristine, self.a, self.bt):
+                out = layer.weight.shape[0]
+                torch.addmm(pristine.view(out, -1), bt[slot, :rank].t(), a[slot, :rank].reshape(rank, -1), out=layer.weight.view(out, -1))
+        self.fused = True
+
+    def unfuse(self) -> None:
+        """Restore the targeted weights from the pristine copy (one batched copy)."""
+        if self.fused:
+            with torch.no_grad():
+                torch._foreach_copy_([layer.weight for layer in self.layers.values()], self._pristine)
+            self.fused = False
+
+    def close(self) -> None:
+        """Remove the hooks and restore the weights: the model is exactly as before."""
+        self.unfuse()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _rows_for(self, batch: int) -> torch.Tensor:
+        index = self._row_index.get(batch)
+        if index is None:
+            rows = self._active.rows
+            if batch % len(rows):
+                raise RuntimeError(f"a batch of {batch} rows cannot carry {len(rows)} per-row adapters")
+            index = self._row_index[batch] = rows.repeat(batch // len(rows))
+        return index
+
+    def _hook(self, i: int, layer: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        active = self._active
+        if active is None:
+            return None
+        x, r = args[0], active.rank
+        a, bt = self.a[i], self.bt[i]
+        if isinstance(layer, nn.Linear):
+            if active.rows is None:
+                h = F.linear(x, a[active.slot, :r])
+                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, r), bt[active.slot, :r])
+            else:
+                n, rows = x.shape[0], self._rows_for(x.shape[0])
+                h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a[rows, :r].transpose(1, 2))
+                out.view(n, -1, out.shape[-1]).baddbmm_(h, bt[rows, :r])
+            return out
+        conv = partial(F.conv2d, bias=None, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+        if active.rows is None:
+            h = conv(x, a[active.slot, :r])
+            out.add_(torch.einsum("nrhw,ro->nohw", h, bt[active.slot, :r]))
+        else:  # each row's own A: convolve with every slot's A, then keep the row's slot
+            n, rows = x.shape[0], self._rows_for(x.shape[0])
+            h = conv(x, a[:, :r].reshape(-1, *a.shape[2:]))
+            h = h.view(n, a.shape[0], r, -1)[torch.arange(n, device=h.device), rows]
+            out.add_(torch.bmm(bt[rows, :r].transpose(1, 2), h).view(out.shape))
+        return out
+
+
+@dataclass(frozen=True)
+class PackedAdapter:
+    """An adapter packed for every model of a pipeline it touches (``unet``, ``text_encoder``...)."""
+
+    parts: Mapping[str, PackedLora]
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes() for p in self.parts.values())
+
+    def to(self, device: torch.device | str) -> PackedAdapter:
+        return PackedAdapter({c: p.to(device) for c, p in self.parts.items()})
+
+
+# One request's adapters: (identity, packed, weight) per composed adapter, in rank order.
+AdapterSet = tuple[tuple[Hashable, PackedAdapter, float], ...]
+
+
+def set_key(adapter_set: AdapterSet) -> tuple:
+    return tuple((key, weight) for key, _, weight in adapter_set)
+
+
+class LoraRuntime:
+    """Slots on every LoRA-capable model of a pipeline, and which adapter set each batch row uses.
+
+    Adapter sets stay resident in bank slots (LRU): a batch whose sets are already resident
+    costs no copy at all, and a one-set batch that is already fused costs nothing either.
+    """
+
+    def __init__(self, models: Mapping[str, nn.Module], config: RuntimeConfig = RuntimeConfig()):
+        self.config = config
+        self.slots = {
+            name: LoraSlots(model, config.unet_targets if name == "unet" else config.text_targets, config.max_rank, config.bank_size)
+            for name, model in models.items()
+        }
+        self._resident: OrderedDict[tuple, int] = OrderedDict()  # set key -> bank slot, least recent first
+        self._fused: tuple | None = None
+
+    @classmethod
+    def for_pipeline(cls, pipe, config: RuntimeConfig = RuntimeConfig()) -> LoraRuntime:
+        names = ("unet", "text_encoder", "text_encoder_2")
+        return cls({n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}, config)
+
+    def pack(self, adapter: LoraAdapter, what: str, device: torch.device | str | None = None) -> PackedAdapter:
+        """Pack an adapter for these slots (checks every layer and shape; ``what`` names it in errors)."""
+        parts = {}
+        for component in {k.split(".", 1)[0] for k in adapter.tensors}:
+            if component not in self.slots:
+                raise AdapterDoesNotFit(f"{what} has LoRA weights for {component}, which this base does not have")
+            tensors = adapter.component_tensors(component)
+            modules = {k.rsplit(".lora_", 1)[0] for k in tensors}
+            missing = [m for m in modules if f"{m}.lora_A.weight" not in tensors or f"{m}.lora_B.weight" not in tensors]
+            if missing:
+                raise AdapterDoesNotFit(f"{what}: {component}.{missing[0]} lacks its lora_A or lora_B weight")
+            pairs = {m: (tensors[f"{m}.lora_A.weight"], tensors[f"{m}.lora_B.weight"]) for m in modules}
+            parts[component] = self.slots[component].pack(pairs, adapter.scale, what, device)
+        return PackedAdapter(parts)
+
+    def activate(self, rows: Sequence[AdapterSet], fuse: bool | None = None) -> None:
+        """Make row ``i`` of the next batch use ``rows[i]`` (an empty set: the base alone).
+
+        A batch with one adapter set on every row runs fused into the UNet when ``fuse`` (default:
+        ``config.fuse_single``), through the slots otherwise.
+        """
+        fuse = self.config.fuse_single if fuse is None else fuse
+        keys = [set_key(s) for s in rows]
+        distinct = {k: s for k, s in zip(keys, rows) if s}
+        if len(distinct) > self.config.bank_size:
+            raise ValueError(f"{len(distinct)} adapter sets in one batch; the bank holds {self.config.bank_size}")
+        slot_of = {k: self._place(k, s, set(distinct)) for k, s in distinct.items()}
+        if not distinct:
+            self._each(lambda slots: slots.disable())
+            self._fused = None
+        elif len(distinct) == 1 and all(keys):
+            key, slot = next(iter(slot_of.items()))
+            for name, slots in self.slots.items():
+                if name == "unet" and fuse:
+                    if self._fused != key:
+                        slots.fuse(slot)
+                else:
+                    slots.use(slot)
+            self._fused = key if fuse else None
+        else:
+            row_slots = [slot_of.get(k, EMPTY_SLOT) for k in keys]
+            self._each(lambda slots: slots.use_rows(row_slots))
+            self._fused = None
+
+    def deactivate(self) -> None:
+        """Back to the base alone (unfused weights, idle hooks); adapters stay resident in the bank."""
+        self.activate([])
+
+    def close(self) -> None:
+        """Remove every hook and restore the weights."""
+        self._each(lambda slots: slots.close())
+        self._resident.clear()
+        self._fused = None
+
+    def _each(self, fn) -> None:
+        for slots in self.slots.values():
+            fn(slots)
+
+    def _place(self, key: tuple, adapter_set: AdapterSet, needed: set) -> int:
+        """The bank slot holding ``adapter_set``, loading it over the least recent unneeded one if absent."""
+        if key in self._resident:
+            self._resident.move_to_end(key)
+            return self._resident[key]
+        used = set(self._resident.values())
+        free = [s for s in range(1, self.config.bank_size + 1) if s not in used]
+        if free:
+            slot = free[0]
+        else:
+            victim = next(k for k in self._resident if k not in needed)
+            slot = self._resident.pop(victim)
+            if victim == self._fused:  # its weights are fused: restore before the slot changes
+                self.slots["unet"].unfuse()
+                self._fused = None
+        for name, slots in self.slots.items():
+            slots.load(slot, [(packed.parts[name], w) for _, packed, w in adapter_set if name in packed.parts])
+        self._resident[key] = slot
+        return slot

@@ -1,0 +1,186 @@
+"""Serving many users from one warm base: from (user, prompt) to adapters active in a batch.
+
+The sampler uses :class:`AdapterServing` twice per request. In the caller's thread,
+:meth:`~AdapterServing.resolve` turns the prompt's concept mentions (and an optional style) into
+adapters, loaded through the cache (so loading overlaps whatever batch is denoising meanwhile),
+and into prompt text. Under the sampler's run lock, :meth:`~AdapterServing.activate` puts a
+whole batch's adapters into the LoRA slots, one adapter set per image row, and lends embedding
+rows to their new tokens.
+
+``latest`` is resolved to a version number through the source at most every
+``latest_ttl_s`` seconds per concept; the cache is keyed by concrete versions, so a newly
+published version is served within that delay and a pinned version never goes stale.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from gen.adapter import AdapterSource, LoraAdapter
+from gen.adapter_cache import AdapterCache, CacheStats
+from gen.base import Base
+from gen.concepts import TokenPool, check_known, concept_text, parse_mentions, parse_style, substitute
+from gen.errors import InvalidRequest
+from gen.lora_runtime import AdapterDoesNotFit, AdapterSet, LoraRuntime, PackedAdapter, RuntimeConfig, set_key
+
+AdapterKey = tuple[str, str, "int | None"]  # (user, concept, version)
+MAX_LATEST_ENTRIES = 100_000
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How a sampler batches requests and keeps adapters warm."""
+
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    max_batch_images: int = 8  # images (not CFG rows) in one batch of compatible requests
+    host_cache_bytes: int = 2 << 30
+    device_cache_bytes: int = 1 << 30  # used when the base is not on the CPU
+    latest_ttl_s: float = 2.0
+    token_pool_size: int = 64  # placeholder tokens for adapters' new tokens; 0 leaves the tokenizer alone
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """An adapter ready to serve: packed for the slots, plus its text and identity (no raw LoRA tensors)."""
+
+    key: AdapterKey
+    info: LoraAdapter
+    packed: PackedAdapter
+
+    def nbytes(self) -> int:
+        return self.packed.nbytes() + self.info.nbytes()
+
+    def to(self, device: torch.device) -> ServedAdapter:
+        return replace(self, packed=self.packed.to(device))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A request's adapters and how its prompt reads once its mentions are replaced."""
+
+    adapters: tuple[tuple[ServedAdapter, float, str], ...] = ()  # (adapter, weight, "concept" | "style")
+    texts: Mapping[str, str] = field(default_factory=dict)  # mention name -> text
+    suffix: str = ""  # a style's trigger, appended
+    owners: tuple[tuple[AdapterKey, int], ...] = ()  # local placeholder j -> (adapter, new-token index)
+
+    def expand(self, prompt: str) -> str:
+        return substitute(prompt, self.texts) + self.suffix
+
+    @property
+    def adapter_set(self) -> AdapterSet:
+        return tuple((a.key, a.packed, weight) for a, weight, _ in self.adapters)
+
+    def provenance(self) -> tuple[dict, ...]:
+        return tuple(
+            {"user": a.info.user, "concept": a.info.concept, "version": a.info.version, "weight": weight, "kind": kind}
+            for a, weight, kind in self.adapters
+        )
+
+
+NO_ADAPTERS = Resolved()
+
+
+class AdapterServing:
+    """Concept resolution, the adapter cache, the LoRA slots and the token pool of one sampler."""
+
+    def __init__(self, base: Base, source: AdapterSource, config: ServingConfig = ServingConfig()):
+        self.fingerprint = base.fingerprint  # taken before the token pool resizes the text encoders
+        self.source = source
+        self.config = config
+        self.runtime = LoraRuntime.for_pipeline(base.pipe, config.runtime)
+        self.tokens = TokenPool(base.pipe, config.token_pool_size) if config.token_pool_size else None
+        on_cpu = base.device.type == "cpu"
+        self._pack_device = None if on_cpu else "cpu"  # host tier on the host; the device tier copies up
+        self.cache: AdapterCache[ServedAdapter] = AdapterCache(
+            config.host_cache_bytes,
+            ServedAdapter.nbytes,
+            device_max_bytes=0 if on_cpu else config.device_cache_bytes,
+            to_device=lambda served: served.to(base.device),
+        )
+        self._latest: OrderedDict[tuple[str, str], tuple[int | None, float]] = OrderedDict()
+        self._latest_lock = threading.Lock()
+
+    # --- in the caller's thread ---
+
+    def resolve(self, user: str | None, prompt: str, style: str | None = None) -> Resolved:
+        """Load the adapters ``prompt`` mentions (and ``style``) for ``user``; the text they become."""
+        mentions = parse_mentions(prompt)
+        named = mentions + ([parse_style(style)] if style is not None else [])
+        if not named:
+            return NO_ADAPTERS
+        if user is None:
+            raise InvalidRequest(f"<{named[0].name}> names a concept, but no user was given; concepts belong to a user")
+        if style is not None and named[-1].name in {m.name for m in mentions}:
+            raise InvalidRequest(f"style {named[-1].name!r} is also mentioned in the prompt; name it once")
+        check_known(user, named, self.source.concepts(user))
+        adapters, texts, owners = [], {}, []
+        for i, mention in enumerate(named):
+            served = self._load(user, mention.name)
+            adapters.append((served, mention.weight, "concept" if i < len(mentions) else "style"))
+            texts[mention.name] = concept_text(served.info, mention.name, len(owners))
+            owners += [(served.key, j) for j in range(len(served.info.new_tokens))]
+        suffix = f", {texts[named[-1].name]}" if style is not None and adapters[-1][0].info.trigger else ""
+        resolved = Resolved(tuple(adapters), texts, suffix, tuple(owners))
+        if not self.fits([resolved]):
+            raise InvalidRequest(f"this request composes more than the sampler's limits allow ({self._limits()})")
+        return resolved
+
+    def stats(self) -> CacheStats:
+        return self.cache.stats()
+
+    def _load(self, user: str, concept: str) -> ServedAdapter:
+        """The served adapter for ``latest`` of (user, concept), through the cache."""
+        now = time.monotonic()
+        with self._latest_lock:
+            known = self._latest.get((user, concept))
+        if known is not None and known[1] > now:
+            version = known[0]
+            ref = "latest" if version is None else version
+            return self.cache.get((user, concept, version), lambda: self._serve(self.source.get(user, concept, ref)))
+        adapter = self.source.get(user, concept, "latest")
+        with self._latest_lock:
+            self._latest[(user, concept)] = (adapter.version, now + self.config.latest_ttl_s)
+            self._latest.move_to_end((user, concept))
+            if len(self._latest) > MAX_LATEST_ENTRIES:
+                self._latest.popitem(last=False)
+        return self.cache.get((user, concept, adapter.version), lambda: self._serve(adapter))
+
+    def _serve(self, adapter: LoraAdapter) -> ServedAdapter:
+        what = f"{adapter.user}/{adapter.concept} v{adapter.version}"
+        if adapter.base_fingerprint != self.fingerprint:
+            raise AdapterDoesNotFit(f"{what} was trained on base {adapter.base_fingerprint}; this sampler serves base {self.fingerprint}")
+        packed = self.runtime.pack(adapter, what, self._pack_device)
+        return ServedAdapter((adapter.user, adapter.concept, adapter.version), replace(adapter, tensors={}), packed)
+
+    # --- under the run lock ---
+
+    def fits(self, batch: Sequence[Resolved]) -> bool:
+        """Whether these requests can share one batch: bank slots, rank budget and placeholder rows."""
+        sets = {set_key(r.adapter_set) for r in batch if r.adapters}
+        new_tokens = {a.key: len(a.info.new_tokens) for r in batch for a, _, _ in r.adapters}
+        rank = max((sum(a.info.rank for a, _, _ in r.adapters) for r in batch), default=0)
+        pool = len(self.tokens.tokens) if self.tokens else 0
+        return len(sets) <= self.config.runtime.bank_size and sum(new_tokens.values()) <= pool and rank <= self.config.runtime.max_rank
+
+    def activate(self, batch: Sequence[tuple[Resolved, int, str]]) -> list[str]:
+        """Activate each request's adapters for its ``n`` image rows; returns each request's final text."""
+        lent = {}
+        if self.tokens is not None:
+            lent = self.tokens.assign({a.key: a.info for r, _, _ in batch for a, _, _ in r.adapters})
+        self.runtime.activate([r.adapter_set for r, n, _ in batch for _ in range(n)])
+        return [self.tokens.render(text, r.owners, lent) if r.owners else text for r, _, text in batch]
+
+    def deactivate(self) -> None:
+        """Leave the pipeline as the base alone between batches, for anyone else who runs it."""
+        self.runtime.deactivate()
+
+    def _limits(self) -> str:
+        cfg = self.config.runtime
+        pool = len(self.tokens.tokens) if self.tokens else 0
+        return f"total rank {cfg.max_rank}, {pool} new tokens"

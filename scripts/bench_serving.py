@@ -1,0 +1,377 @@
+"""Serving benchmark: our LoRA slots against diffusers/peft on one warm UNet; prints a table, writes JSON.
+
+    python scripts/bench_serving.py                  # CPU: SD1.5 UNet (random weights) at 8x8 latents
+    python scripts/bench_serving.py --quick          # smoke mode: tiny UNet, few repeats (seconds)
+
+On CUDA it runs the SD1.5 and SDXL UNets at full size in float16 instead, naming the card.
+Every baseline is measured in the same run, on the same UNet and inputs; forward passes of the
+variants being compared are interleaved round-robin and reported as medians, so drift in a
+shared machine's load affects them alike. Adapters are rank 16 on to_q/to_k/to_v/to_out.0.
+
+Measured:
+* switch: activating a cached adapter (one batched copy into a slot; fused: restore + addmm)
+  vs diffusers ``set_adapters`` between two loaded adapters;
+* cold load: registry read + pack + copy into a slot vs diffusers ``load_lora_adapter`` of the
+  same tensors from a safetensors file (page cache warm for both);
+* forward: one UNet call with 1 adapter / 2 composed vs our no-adapter path, and diffusers with
+  peft LoRA active vs diffusers without;
+* batch: 8 requests from 8 users in one call vs 8 from one user, and vs serving the 8 users
+  one at a time with diffusers (``set_adapters`` + a 1-request call each);
+* load test: 4 client threads x 25 requests, Zipf-distributed over 50 users' adapters, through
+  ``Sampler.generate_many`` on a tiny pipeline with a real registry: latency, throughput, hit rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adapters.registry import Registry  # noqa: E402
+from adapters.registry.synthetic import DEFAULT_TARGETS, random_adapter  # noqa: E402
+from adapters.validate import BaseSpec  # noqa: E402
+from gen.base import Base  # noqa: E402
+from gen.lora_runtime import LoraRuntime, RuntimeConfig  # noqa: E402
+from gen.sampler import Request, Sampler  # noqa: E402
+from gen.serving import ServingConfig  # noqa: E402
+from gen.tiny import TinyConfig, build_tiny_pipeline  # noqa: E402
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+TINY = TinyConfig()
+TINY_UNET = dict(
+    sample_size=TINY.sample_size, block_out_channels=TINY.block_out_channels, layers_per_block=TINY.layers_per_block,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=8, norm_num_groups=8, cross_attention_dim=TINY.cross_attention_dim,
+)
+TARGETS = {"switch": 50.0, "cold_load": 10.0, "forward_1": 1.10, "forward_2": 1.15, "batch_vs_one_user": 0.95, "batch_vs_diffusers": 2.0}
+
+
+@dataclass(frozen=True)
+class UnetCase:
+    """One UNet to benchmark: its config, latent side, dtype and how many repeats to time."""
+
+    name: str
+    config: dict
+    latent: int
+    dtype: torch.dtype
+    reps: int
+    rank: int = 16
+    requests: int = 8  # requests (users) in the multi-user batch; each is 2 rows with CFG
+    text_len: int = 77
+
+
+@dataclass
+class Clock:
+    device: torch.device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def round_robin(self, cases: dict[str, tuple[Callable[[], object], Callable[[], object]]], reps: int, calls: int = 1) -> dict[str, float]:
+        """Median ms per call of each case's ``run`` (which makes ``calls`` calls) after its untimed ``setup``.
+
+        Cases are interleaved, one of each per round, so a shared machine's changing load
+        affects them alike; round 0 warms up and is not counted.
+        """
+        samples: dict[str, list[float]] = {name: [] for name in cases}
+        for rep in range(reps + 1):
+            for name, (setup, run) in cases.items():
+                setup()
+                self.sync()
+                start = time.perf_counter()
+                run()
+                self.sync()
+                if rep:
+                    samples[name].append((time.perf_counter() - start) * 1000 / calls)
+        return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def counter() -> Callable[[], int]:
+    return itertools.count().__next__
+
+
+class Bench:
+    """One UNet three times over (ours with slots, vanilla, diffusers+peft) with the same weights and inputs."""
+
+    def __init__(self, case: UnetCase, device: torch.device, workdir: Path):
+        self.case, self.workdir, self.clock = case, workdir, Clock(device)
+        with torch.device(device):
+            torch.manual_seed(0)
+            self.unet = UNet2DConditionModel(**case.config).to(case.dtype).eval()
+        self.vanilla, self.peft = copy.deepcopy(self.unet), copy.deepcopy(self.unet)
+        spec = BaseSpec.from_pipeline(SimpleNamespace(unet=self.unet), "bench", "sd")
+        n = max(case.requests, 10)  # more than the bank holds, so cycling through them always copies
+        self.adapters = [
+            random_adapter(spec, rank=case.rank, alpha=float(case.rank), targets=DEFAULT_TARGETS, seed=i, std=0.02, dtype=case.dtype)
+            for i in range(n)
+        ]
+        self.runtime = LoraRuntime({"unet": self.unet}, RuntimeConfig(max_rank=2 * case.rank, bank_size=case.requests))
+        self.sets = [((f"a{i}", self.runtime.pack(a, f"a{i}"), 1.0),) for i, a in enumerate(self.adapters)]
+        self.registry = Registry(workdir / "registry")
+        for i, adapter in enumerate(self.adapters[:3]):
+            self.registry.for_user("bench").put(adapter, spec, f"c{i}")
+            save_file({k: v.contiguous() for k, v in adapter.tensors.items()}, str(workdir / f"lora{i}.safetensors"))
+        self.pair, self.batch = self.inputs(2), self.inputs(2 * case.requests)
+
+    def inputs(self, rows: int) -> dict:
+        g = torch.Generator().manual_seed(rows)
+        cfg, dt, dev = self.case.config, self.case.dtype, self.clock.device
+        kwargs = dict(
+            sample=torch.randn(rows, 4, self.case.latent, self.case.latent, generator=g).to(dev, dt),
+            timestep=torch.full((rows,), 500, device=dev),
+            encoder_hidden_states=torch.randn(rows, self.case.text_len, cfg["cross_attention_dim"], generator=g).to(dev, dt),
+        )
+        if cfg.get("addition_embed_type") == "text_time":
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(rows, 1280, generator=g).to(dev, dt), "time_ids": torch.randn(rows, 6, generator=g).to(dev, dt)}
+        return kwargs
+
+    def activate(self, rows, fuse: bool = False) -> Callable[[], None]:
+        return lambda: self.runtime.activate(rows, fuse=fuse)
+
+    def forward(self, unet, kwargs: dict) -> Callable[[], None]:
+        def run():
+            with torch.inference_mode():
+                unet(**kwargs)
+        return run
+
+    def load_into_peft(self, i: int, name: str) -> None:
+        self.peft.load_lora_adapter(
+            str(self.workdir), weight_name=f"lora{i % 3}.safetensors", prefix="unet", adapter_name=name, use_safetensors=True, local_files_only=True
+        )
+
+    def cold_load(self) -> dict:
+        """A registry read + pack + copy into a slot, vs diffusers loading the same tensors from a file."""
+        ours, theirs = counter(), counter()
+
+        def ours_load():  # a new key every time: never resident in the bank
+            n = ours()
+            adapter = self.registry.get("bench", f"c{n % 3}")
+            self.runtime.activate([((f"cold{n}", self.runtime.pack(adapter, "cold"), 1.0),)])
+
+        def diffusers_load():
+            self.load_into_peft(theirs(), "cold")
+            self.peft.set_adapters("cold")
+
+        def forget():
+            if "cold" in getattr(self.peft, "peft_config", {}):
+                self.peft.delete_adapters("cold")
+
+        return self.clock.round_robin({"ours": (lambda: None, ours_load), "diffusers": (forget, diffusers_load)}, self.case.reps)
+
+    def switch(self, calls: int = 20) -> dict:
+        cycle, hot, fused, theirs = counter(), counter(), counter(), counter()
+        sets = self.sets
+
+        def warm_pair():
+            self.runtime.activate([sets[0]]), self.runtime.activate([sets[1]])  # both resident, nothing fused
+
+        return self.clock.round_robin(
+            {
+                "copy": (self.activate([()]), lambda: [self.runtime.activate([sets[cycle() % len(sets)]]) for _ in range(calls)]),
+                "resident": (warm_pair, lambda: [self.runtime.activate([sets[hot() % 2]]) for _ in range(calls)]),
+                "fused": (self.activate([()]), lambda: [self.runtime.activate([sets[fused() % len(sets)]], fuse=True) for _ in range(calls)]),
+                "diffusers": (lambda: None, lambda: [self.peft.set_adapters(f"u{theirs() % 2}") for _ in range(calls)]),
+            },
+            self.case.reps,
+            calls=calls,
+        )
+
+    def forwards(self) -> dict:
+        pair, peft = self.pair, self.peft
+        run = self.forward(self.unet, pair)
+        composed = (*self.sets[0], ("a1", self.sets[1][0][1], 0.7))
+        return self.clock.round_robin(
+            {
+                "vanilla": (lambda: None, self.forward(self.vanilla, pair)),
+                "off": (self.activate([()]), run),
+                "one": (self.activate([self.sets[0]]), run),
+                "two": (self.activate([composed]), run),
+                "fused": (self.activate([self.sets[0]], fuse=True), run),
+                "peft_one": (lambda: peft.set_adapters("u0"), self.forward(peft, pair)),
+                "peft_two": (lambda: peft.set_adapters(["u0", "u1"], weights=[1.0, 0.7]), self.forward(peft, pair)),
+            },
+            self.case.reps,
+        )
+
+    def batches(self) -> dict:
+        users, run = self.sets[: self.case.requests], self.forward(self.unet, self.batch)
+        peft_pair = self.forward(self.peft, self.pair)
+
+        def one_user_at_a_time():
+            for i in range(self.case.requests):
+                self.peft.set_adapters(f"u{i}")
+                peft_pair()
+
+        return self.clock.round_robin(
+            {
+                "mixed": (self.activate(users), run),
+                "one_user": (self.activate([users[0]] * len(users)), run),
+                "one_user_fused": (self.activate([users[0]] * len(users), fuse=True), run),
+                "no_adapter": (self.activate([()] * len(users)), run),
+                "diffusers_serial": (lambda: None, one_user_at_a_time),
+            },
+            max(3, self.case.reps // 2),  # a median of 3+ rounds survives one starved round
+        )
+
+    def run(self) -> dict:
+        cold = self.cold_load()  # before the users' adapters are in the peft model
+        for i in range(self.case.requests):
+            self.load_into_peft(i, f"u{i}")
+        switch, f, b = self.switch(), self.forwards(), self.batches()
+        self.runtime.close()
+        return {
+            "case": {"name": self.case.name, "latent": self.case.latent, "dtype": str(self.case.dtype).removeprefix("torch."), "rank": self.case.rank, "rows": 2, "batch_requests": self.case.requests},
+            "switch": {
+                "ours_ms": switch["copy"], "ours_resident_ms": switch["resident"], "ours_fused_ms": switch["fused"],
+                "diffusers_set_adapters_ms": switch["diffusers"],
+                "speedup": switch["diffusers"] / switch["copy"], "speedup_resident": switch["diffusers"] / switch["resident"],
+            },
+            "cold_load": {"ours_ms": cold["ours"], "diffusers_load_lora_adapter_ms": cold["diffusers"], "speedup": cold["diffusers"] / cold["ours"]},
+            "forward": {
+                "forward_off_ms": f["off"], "forward_1_ms": f["one"], "forward_2_ms": f["two"], "forward_1_fused_ms": f["fused"],
+                "ratio_1": f["one"] / f["off"], "ratio_2": f["two"] / f["off"], "ratio_1_fused": f["fused"] / f["off"],
+                "ratio_off_vs_vanilla": f["off"] / f["vanilla"],
+                "diffusers_vanilla_ms": f["vanilla"], "diffusers_1_ms": f["peft_one"], "diffusers_2_ms": f["peft_two"],
+                "diffusers_ratio_1": f["peft_one"] / f["vanilla"], "diffusers_ratio_2": f["peft_two"] / f["vanilla"],
+            },
+            "batch": {
+                "batch_mixed_ms": b["mixed"], "batch_one_user_ms": b["one_user"], "batch_one_user_fused_ms": b["one_user_fused"],
+                "batch_no_adapter_ms": b["no_adapter"], "diffusers_one_user_at_a_time_ms": b["diffusers_serial"],
+                "throughput_mixed_vs_one_user": b["one_user"] / b["mixed"],
+                "throughput_mixed_vs_one_user_fused": b["one_user_fused"] / b["mixed"],
+                "throughput_mixed_vs_diffusers_serial": b["diffusers_serial"] / b["mixed"],
+            },
+        }
+
+
+def load_test(workdir: Path, threads: int, per_thread: int, users: int, steps: int) -> dict:
+    """Client threads send one request per ``generate_many`` call; the sampler batches across them."""
+    base = Base.from_pipeline(build_tiny_pipeline("sd"), "tiny")
+    spec = BaseSpec.from_base(base)
+    registry = Registry(workdir / "load_registry")
+    for u in range(users):
+        registry.for_user(f"user{u}").put(random_adapter(spec, rank=8, seed=u, std=0.1), base, "pet", trigger="sks", class_word="dog")
+    sampler = Sampler(base, registry, ServingConfig(runtime=RuntimeConfig(max_rank=16)))
+    sampler.generate("warm up", seed=0, steps=1)
+    zipf = [1 / (k + 1) ** 1.1 for k in range(users)]
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        rng = random.Random(c)
+        for i in range(per_thread):
+            user = rng.choices(range(users), weights=zipf)[0]
+            request = Request("a photo of <pet> on the beach", user=f"user{user}", seed=c * 1000 + i, steps=steps, guidance_scale=5.0)
+            start = time.perf_counter()
+            sampler.generate_many([request])
+            with lock:
+                latencies.append((time.perf_counter() - start) * 1000)
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=client, args=(c,)) for c in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - start
+    latencies.sort()
+    stats = sampler.serving.stats()
+    pick = lambda q: latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))]  # noqa: E731
+    return {
+        "threads": threads, "requests": len(latencies), "users": users, "steps": steps, "image": base.default_size,
+        "p50_ms": pick(0.5), "p95_ms": pick(0.95), "throughput_rps": len(latencies) / wall,
+        "hit_rate": stats.hit_rate, "cache_hits": stats.hits, "cache_misses": stats.misses,
+    }
+
+
+def print_table(result: dict) -> None:
+    print(f"\nbespoke serving benchmark on {result['device']}")
+    for name, r in result["models"].items():
+        c, f, b = r["case"], r["forward"], r["batch"]
+        print(f"\n{name}: latents {c['latent']}x{c['latent']}, {c['dtype']}, rank {c['rank']}, batch 2 rows (CFG) unless noted")
+        rows = [
+            ("switch: copy from cache into a slot", f"{r['switch']['ours_ms']:.3f} ms", f"set_adapters {r['switch']['diffusers_set_adapters_ms']:.2f} ms", f"{r['switch']['speedup']:.1f}x faster", ">=50x"),
+            ("switch: resident in the bank", f"{r['switch']['ours_resident_ms']:.3f} ms", "", f"{r['switch']['speedup_resident']:.0f}x faster", ">=50x"),
+            ("switch: fused (restore + addmm)", f"{r['switch']['ours_fused_ms']:.2f} ms", "", "", ""),
+            ("cold load from the registry", f"{r['cold_load']['ours_ms']:.2f} ms", f"load_lora_adapter {r['cold_load']['diffusers_load_lora_adapter_ms']:.1f} ms", f"{r['cold_load']['speedup']:.1f}x faster", ">=10x"),
+            ("forward, no adapter (idle hooks)", f"{f['forward_off_ms']:.1f} ms", f"vanilla {f['diffusers_vanilla_ms']:.1f} ms", f"{f['ratio_off_vs_vanilla']:.3f} of vanilla", ""),
+            ("forward, 1 adapter (slots)", f"{f['forward_1_ms']:.1f} ms", f"peft {f['diffusers_1_ms']:.1f} ms", f"{f['ratio_1']:.3f} (peft {f['diffusers_ratio_1']:.3f})", "<=1.10"),
+            ("forward, 1 adapter (fused)", f"{f['forward_1_fused_ms']:.1f} ms", "", f"{f['ratio_1_fused']:.3f}", ""),
+            ("forward, 2 composed", f"{f['forward_2_ms']:.1f} ms", f"peft {f['diffusers_2_ms']:.1f} ms", f"{f['ratio_2']:.3f} (peft {f['diffusers_ratio_2']:.3f})", "<=1.15"),
+            (f"batch of {c['batch_requests']} requests, {c['batch_requests']} users", f"{b['batch_mixed_ms']:.1f} ms", f"one user {b['batch_one_user_ms']:.1f} ms", f"{b['throughput_mixed_vs_one_user']:.3f}x throughput", ">=0.95x"),
+            ("  vs one user fused / no adapter", "", f"{b['batch_one_user_fused_ms']:.1f} / {b['batch_no_adapter_ms']:.1f} ms", f"{b['throughput_mixed_vs_one_user_fused']:.3f}x", ""),
+            ("  vs diffusers, one user at a time", "", f"serial {b['diffusers_one_user_at_a_time_ms']:.1f} ms", f"{b['throughput_mixed_vs_diffusers_serial']:.2f}x throughput", ">=2x"),
+        ]
+        print(f"{'':36s}{'ours':>12s}  {'baseline':<30s}{'ratio':<28s}target")
+        for label, ours, base, ratio, target in rows:
+            print(f"{label:36s}{ours:>12s}  {base:<30s}{ratio:<28s}{target}")
+    lt = result["load_test"]
+    print(
+        f"\nload test: {lt['threads']} threads x {lt['requests'] // lt['threads']} requests over {lt['users']} users (Zipf), "
+        f"{lt['steps']} steps at {lt['image']}px: p50 {lt['p50_ms']:.0f} ms, p95 {lt['p95_ms']:.0f} ms, "
+        f"{lt['throughput_rps']:.2f} req/s, cache hit rate {lt['hit_rate']:.0%}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke mode: tiny UNet, few repeats")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=None, help="timed repeats per forward variant")
+    parser.add_argument("--out", default="bench_serving.json")
+    args = parser.parse_args()
+    diffusers_logging.set_verbosity_error()
+    device = torch.device(args.device)
+    if args.quick:
+        cases = [UnetCase("tiny-sd", TINY_UNET, 8, torch.float32, reps=args.reps or 1, text_len=8)]
+    elif device.type == "cuda":
+        cases = [UnetCase("sd15", SD15_UNET, 64, torch.float16, reps=args.reps or 20), UnetCase("sdxl", SDXL_UNET, 128, torch.float16, reps=args.reps or 10)]
+    else:
+        cases = [UnetCase("sd15-small-latent", SD15_UNET, 8, torch.float32, reps=args.reps or 5)]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    result: dict = {"device": name, "torch": torch.__version__, "targets": TARGETS, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            workdir = Path(tmp) / case.name
+            workdir.mkdir()
+            result["models"][case.name] = Bench(case, device, workdir).run()
+        result["load_test"] = load_test(Path(tmp), *((2, 3, 5, 1) if args.quick else (4, 25, 50, 4)))
+    print_table(result)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

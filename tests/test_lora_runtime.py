@@ -1,0 +1,156 @@
+"""The LoRA slot runtime against diffusers/peft as the reference, on a tiny SD UNet and text encoder."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+from adapters.registry.synthetic import random_adapter
+from adapters.validate import BaseSpec
+from gen.lora_runtime import AdapterDoesNotFit, LoraRuntime, RuntimeConfig
+from gen.tiny import build_tiny_pipeline
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1")  # Linear and Conv2d (1x1 and 3x3) layers
+CONFIG = RuntimeConfig(unet_targets=TARGETS, max_rank=16, bank_size=3)
+TOL = dict(rtol=1e-4, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline("sd")
+
+
+@pytest.fixture(scope="module")
+def spec(pipe):
+    return BaseSpec.from_pipeline(pipe, "tiny", "sd")
+
+
+@pytest.fixture
+def unet(pipe):
+    return copy.deepcopy(pipe.unet)  # every test gets its own hooks and weights
+
+
+def make(spec, seed, rank=4, alpha=8.0, components=("unet",), targets=TARGETS):
+    return random_adapter(spec, rank=rank, alpha=alpha, targets=targets, components=components, seed=seed)
+
+
+def inputs(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, 8, 8, generator=g), torch.full((batch,), 10), torch.randn(batch, 8, 32, generator=g)
+
+
+def forward(unet, sample, t, context):
+    with torch.no_grad():
+        return unet(sample, t, encoder_hidden_states=context).sample
+
+
+def diffusers_reference(unet, weighted):
+    """A copy of ``unet`` with the adapters loaded by diffusers and activated with ``set_adapters``."""
+    ref = copy.deepcopy(unet)
+    for i, (adapter, _) in enumerate(weighted):
+        metadata = {"r": adapter.rank, "lora_alpha": adapter.alpha, "target_modules": list(TARGETS)}
+        ref.load_lora_adapter(adapter.component_tensors("unet"), prefix=None, adapter_name=f"a{i}", metadata=metadata)
+    ref.set_adapters([f"a{i}" for i in range(len(weighted))], weights=[w for _, w in weighted])
+    return ref
+
+
+def one_set(runtime, weighted, key="s"):
+    return tuple((f"{key}{i}", runtime.pack(a, f"adapter {i}"), w) for i, (a, w) in enumerate(weighted))
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["slots", "fused"])
+def test_single_adapter_matches_diffusers(unet, spec, fuse):
+    adapter = make(spec, 1, rank=4, alpha=6.0)  # alpha != rank: the scale must be honoured
+    x = inputs(2)
+    expected = forward(diffusers_reference(unet, [(adapter, 1.0)]), *x)
+    assert (expected - forward(unet, *x)).abs().max() > 0.1  # the reference really carries the adapter
+    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(**{**CONFIG.__dict__, "fuse_single": fuse}))
+    runtime.activate([one_set(runtime, [(adapter, 1.0)])] * 2)
+    torch.testing.assert_close(forward(unet, *x), expected, **TOL)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["slots", "fused"])
+def test_two_adapters_composed_with_weights_match_set_adapters(unet, spec, fuse):
+    weighted = [(make(spec, 1, rank=4, alpha=8.0), 0.7), (make(spec, 2, rank=8, alpha=4.0), -0.4)]
+    x = inputs(2)
+    expected = forward(diffusers_reference(unet, weighted), *x)
+    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(**{**CONFIG.__dict__, "fuse_single": fuse}))
+    runtime.activate([one_set(runtime, weighted)] * 2)
+    torch.testing.assert_close(forward(unet, *x), expected, **TOL)
+
+
+def test_mixed_batch_row_equals_that_row_alone_with_its_adapter(unet, spec):
+    first, second = make(spec, 1), make(spec, 2, rank=8, alpha=16.0)
+    sample, t, context = inputs(3)
+    alone = [
+        forward(diffusers_reference(unet, [(first, 1.0)]), sample[:1], t[:1], context[:1]),
+        forward(diffusers_reference(unet, [(second, 1.0)]), sample[1:2], t[1:2], context[1:2]),
+        forward(unet, sample[2:], t[2:], context[2:]),  # no adapter
+    ]
+    runtime = LoraRuntime({"unet": unet}, CONFIG)
+    runtime.activate([one_set(runtime, [(first, 1.0)], "a"), one_set(runtime, [(second, 1.0)], "b"), ()])
+    torch.testing.assert_close(forward(unet, sample, t, context), torch.cat(alone), **TOL)
+    # A CFG-doubled batch repeats the request rows: rows i and i + 3 carry the same adapter.
+    doubled = forward(unet, sample.repeat(2, 1, 1, 1), t.repeat(2), context.repeat(2, 1, 1))
+    torch.testing.assert_close(doubled, torch.cat(alone).repeat(2, 1, 1, 1), **TOL)
+
+
+def test_text_encoder_slots_match_peft(pipe, spec):
+    adapter = make(spec, 3, rank=4, alpha=2.0, components=("text_encoder",), targets=("q_proj", "k_proj", "v_proj", "out_proj"))
+    encoder = copy.deepcopy(pipe.text_encoder)
+    ids = torch.randint(0, encoder.config.vocab_size - 2, (2, 12), generator=torch.Generator().manual_seed(0))
+    reference = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2.0, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), copy.deepcopy(encoder))
+    set_peft_model_state_dict(reference, adapter.component_tensors("text_encoder"))
+    runtime = LoraRuntime({"text_encoder": encoder})
+    runtime.activate([one_set(runtime, [(adapter, 1.0)])] * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(ids).last_hidden_state, reference(ids).last_hidden_state, **TOL)
+
+
+def test_switching_copies_into_the_same_buffers_and_restores_the_base_exactly(unet, spec):
+    x = inputs(2)
+    base_out = forward(unet, *x)
+    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(**{**CONFIG.__dict__, "fuse_single": True}))
+    slots = runtime.slots["unet"]
+    pointers = lambda: [t.data_ptr() for t in (*slots.a, *slots.bt, *(layer.weight for layer in slots.layers.values()))]
+    before = pointers()
+    sets = [one_set(runtime, [(make(spec, s, rank=2 + 2 * s), 1.0)], f"k{s}") for s in range(5)]  # more sets than bank slots
+    outputs = []
+    for s in [*sets, sets[0]]:  # evicts and reloads, ranks shrinking and growing
+        runtime.activate([s, s])  # fused
+        fused = forward(unet, *x)
+        runtime.activate([s, ()])  # per-row slots
+        outputs.append(forward(unet, *x))
+        torch.testing.assert_close(outputs[-1][:1], fused[:1], **TOL)
+        torch.testing.assert_close(outputs[-1][1:], base_out[1:], **TOL)
+    assert pointers() == before  # buffers and weights never reallocate: a captured graph survives
+    torch.testing.assert_close(outputs[-1], outputs[0], rtol=0, atol=0)
+    runtime.deactivate()
+    assert torch.equal(forward(unet, *x), base_out)  # restored from the pristine copy, bit for bit
+    runtime.close()
+    assert not any(layer._forward_hooks for layer in slots.layers.values())
+
+
+def test_adapters_that_do_not_fit_are_refused(unet, spec):
+    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(max_rank=8))  # default targets: attention only
+    with pytest.raises(AdapterDoesNotFit, match="no LoRA slot"):
+        runtime.pack(make(spec, 1), "alice/rex v1")  # also targets proj_in and conv1
+    with pytest.raises(AdapterDoesNotFit, match="rank 16, over the runtime's max_rank 8"):
+        runtime.pack(make(spec, 1, rank=16, targets=("to_q",)), "alice/rex v1")
+    with pytest.raises(AdapterDoesNotFit, match="text_encoder, which this base does not have"):
+        runtime.pack(make(spec, 1, components=("text_encoder",), targets=("q_proj",)), "alice/rex v1")
+    small = runtime.pack(make(spec, 1, rank=6, targets=("to_q",)), "a")
+    with pytest.raises(AdapterDoesNotFit, match="composed rank 12"):
+        runtime.activate([(("a", small, 1.0), ("b", small, 1.0))])
+
+
+def test_runtime_for_a_pipeline_covers_unet_and_text_encoders(pipe):
+    runtime = LoraRuntime.for_pipeline(SimpleNamespace(unet=pipe.unet, text_encoder=pipe.text_encoder))
+    try:
+        assert set(runtime.slots) == {"unet", "text_encoder"}
+        assert all(name.endswith(("to_q", "to_k", "to_v", "to_out.0")) for name in runtime.slots["unet"].layers)
+        assert runtime.slots["text_encoder"].layers
+    finally:
+        runtime.close()
