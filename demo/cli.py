@@ -110,11 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     quick.set_defaults(func=cmd_quickstart)
 
     from demo.cli_registry import add_registry_commands
+    from demo.cli_train import add_train_commands
 
+    add_train_commands(sub)
     add_registry_commands(sub)
 
     # argparse sizes its help columns before subcommands exist and wraps badly; list them ourselves.
-    parser.epilog = "commands:\n" + "\n".join(f"  {a.dest:<12}{a.help}" for a in sub._choices_actions)
+    width = max(len(a.dest) for a in sub._choices_actions) + 2
+    parser.epilog = "commands:\n" + "\n".join(f"  {a.dest:<{width}}{a.help}" for a in sub._choices_actions)
     sub._choices_actions.clear()
     return parser
 

@@ -1,0 +1,231 @@
+"""User photos in, training examples out: validate, orient, convert, crop, caption, fingerprint.
+
+Photos come from users, so every file is untrusted: only JPEG, PNG and WebP are decoded (PIL is
+told so, which keeps its other, rarer parsers away from user bytes), the pixel count is checked
+from the header before any decoding (a decompression bomb is refused, never decoded), and every
+file is fully decoded up front so a truncated or corrupt file fails here rather than mid-training.
+All problems are collected and reported together, by file name, so a user fixes a folder in one go.
+
+Phones store orientation in EXIF rather than in the pixels, so it is applied first; then any mode
+(RGBA, LA, P with transparency, grayscale, CMYK, 16-bit) becomes 8-bit RGB, transparent areas
+composited on white. Each image is center-cropped to a square and resized to the base's
+resolution. The crop is recorded because SDXL conditions on the original size and crop offset.
+
+A fingerprint is the SHA-256 of the file's bytes (of the raw pixels, mode and size for images
+passed in memory): the registry records these, never the images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from gen.errors import BespokeError, InvalidRequest
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")  # the JPEG opener also reads MPO, the multi-picture JPEG of many cameras
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+ImageSource = str | os.PathLike | Image.Image
+
+
+class InvalidImages(BespokeError):
+    """Some of the user's images cannot be used; the message lists every bad file and why."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds on what a user may upload for one concept."""
+
+    min_images: int = 1
+    max_images: int = 50
+    max_pixels: int = 64_000_000  # larger than any phone photo (48 MP), far below a bomb
+    max_file_bytes: int = 50 << 20
+
+
+@dataclass(frozen=True)
+class UserImage:
+    """One decoded photo: upright 8-bit RGB, with the name it is reported by and its fingerprint."""
+
+    name: str
+    image: Image.Image
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example at the base's resolution."""
+
+    image: Image.Image  # RGB, resolution x resolution
+    caption: str
+    name: str
+    sha256: str
+    original_size: tuple[int, int]  # (height, width) before cropping, for SDXL's size conditioning
+    crop_top_left: tuple[int, int]  # (top, left) of the crop, in resized pixels
+
+
+def expand_sources(sources: ImageSource | Sequence[ImageSource]) -> list[Path | Image.Image]:
+    """Files and in-memory images as given; a folder becomes its image files (by suffix, sorted, not recursive)."""
+    if isinstance(sources, (str, os.PathLike, Image.Image)):
+        sources = [sources]
+    out: list[Path | Image.Image] = []
+    for source in sources:
+        if isinstance(source, Image.Image):
+            out.append(source)
+            continue
+        path = Path(source).expanduser()
+        if path.is_dir():
+            out += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(path)
+    return out
+
+
+def load_images(sources: ImageSource | Sequence[ImageSource], limits: ImageLimits = ImageLimits()) -> list[UserImage]:
+    """Decode, orient and convert every image; raise :class:`InvalidImages` listing all bad ones."""
+    items = expand_sources(sources)
+    if not limits.min_images <= len(items) <= limits.max_images:
+        raise InvalidImages(f"found {len(items)} images; give between {limits.min_images} and {limits.max_images} (JPEG, PNG or WebP files, or folders of them)")
+    loaded, problems = [], []
+    for i, item in enumerate(items):
+        name = item.name if isinstance(item, Path) else f"image {i + 1}"
+        try:
+            loaded.append(_load_one(item, name, limits))
+        except _Refused as e:
+            problems.append(f"{name}: {e}")
+    if problems:
+        raise InvalidImages(f"{len(problems)} of {len(items)} images cannot be used: " + "; ".join(problems))
+    return loaded
+
+
+class _Refused(Exception):
+    """Why one image was refused (collected into :class:`InvalidImages`)."""
+
+
+def _load_one(item: Path | Image.Image, name: str, limits: ImageLimits) -> UserImage:
+    if isinstance(item, Image.Image):
+        _check_pixels(item.size, limits)
+        digest = hashlib.sha256(f"{item.mode}|{item.size}|".encode() + item.tobytes()).hexdigest()
+        return UserImage(name, to_rgb(item), digest)
+    try:
+        size = item.stat().st_size
+        if size > limits.max_file_bytes:
+            raise _Refused(f"{size} bytes is over the {limits.max_file_bytes}-byte limit")
+        data = item.read_bytes()
+    except FileNotFoundError:
+        raise _Refused("no such file") from None
+    except OSError as e:
+        raise _Refused(f"cannot be read ({e.strerror or e})") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own bomb check: an error here
+        try:
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as im:
+                _check_pixels(im.size, limits)  # from the header, before decoding
+                im.load()
+                image = to_rgb(im)
+        except UnidentifiedImageError:
+            raise _Refused("not a JPEG, PNG or WebP image") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _Refused(f"refused as a decompression bomb ({e})") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise _Refused(f"corrupt or truncated ({e})") from None
+    return UserImage(name, image, hashlib.sha256(data).hexdigest())
+
+
+def _check_pixels(size: tuple[int, int], limits: ImageLimits) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise _Refused(f"has no pixels ({w}x{h})")
+    if w * h > limits.max_pixels:
+        raise _Refused(f"{w}x{h} is {w * h} pixels, over the {limits.max_pixels}-pixel limit")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB: EXIF orientation applied, transparency on white, 16-bit and float scaled down."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im).convert("RGB")
+    if im.mode.startswith("I;16") or im.mode == "I":
+        values = np.asarray(im).astype(np.float64)
+        return Image.fromarray(np.clip(values / 257.0, 0, 255).round().astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        values = np.asarray(im)
+        top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+        return Image.fromarray(np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def center_crop_resize(image: Image.Image, size: int) -> tuple[Image.Image, tuple[int, int]]:
+    """The largest centred square, resized to ``size``; returns it and the crop's (top, left) in resized pixels."""
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    square = image.crop((left, top, left + side, top + side))
+    resized = square.resize((size, size), Image.LANCZOS if side > size else Image.BICUBIC)
+    scale = size / side
+    return resized, (round(top * scale), round(left * scale))
+
+
+def fill(template: str, what: str, **values: str) -> str:
+    """``template`` with its ``{name}`` placeholders filled from ``values``; any other placeholder is a user error."""
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError) as e:
+        allowed = ", ".join("{" + name + "}" for name in values)
+        raise InvalidRequest(f"{what} {template!r} may only use the placeholders {allowed} ({type(e).__name__}: {e})") from None
+
+
+def default_caption(trigger: str, class_word: str) -> str:
+    """DreamBooth's instance prompt: the trigger names the subject, the class word says what it is."""
+    return f"a {trigger} {class_word}"
+
+
+def caption_templates(
+    images: Sequence[UserImage], captions: Sequence[str] | Mapping[str, str] | None
+) -> list[str | None]:
+    """Per-image caption templates (``{trigger}``, ``{class_word}`` placeholders) or None for the default.
+
+    ``captions`` is a list aligned with the images or a mapping from file name to caption; every
+    given caption must contain ``{trigger}``, or the subject would have no name in it.
+    """
+    if captions is None:
+        return [None] * len(images)
+    if isinstance(captions, Mapping):
+        unknown = sorted(set(captions) - {im.name for im in images})
+        if unknown:
+            raise InvalidImages(f"captions name images that are not in the set: {', '.join(unknown)}")
+        templates = [captions.get(im.name) for im in images]
+    else:
+        if isinstance(captions, str) or len(captions) != len(images):
+            raise InvalidImages(f"got {1 if isinstance(captions, str) else len(captions)} captions for {len(images)} images; give one per image or a mapping by file name")
+        templates = list(captions)
+    missing = [im.name for im, t in zip(images, templates) if t is not None and "{trigger}" not in t]
+    if missing:
+        raise InvalidImages(f"captions must contain {{trigger}} where the subject is named (e.g. 'a {{trigger}} dog on a beach'); missing in: {', '.join(missing)}")
+    return templates
+
+
+def make_examples(
+    images: Sequence[UserImage],
+    resolution: int,
+    trigger: str,
+    class_word: str,
+    captions: Sequence[str] | Mapping[str, str] | None = None,
+) -> list[Example]:
+    """Crop and resize every image and caption it (default: ``"a {trigger} {class_word}"``)."""
+    examples = []
+    for im, template in zip(images, caption_templates(images, captions)):
+        pixels, crop = center_crop_resize(im.image, resolution)
+        caption = default_caption(trigger, class_word) if template is None else fill(template, f"caption for {im.name}", trigger=trigger, class_word=class_word)
+        examples.append(Example(pixels, caption, im.name, im.sha256, (im.image.height, im.image.width), crop))
+    return examples

@@ -1,0 +1,227 @@
+"""Personalization benchmark on the built-in base (DreamBench-style, scored by the world's evaluator).
+
+    python scripts/bench_personalize.py                        # full run on the built-in base
+    python scripts/bench_personalize.py --quick --out /tmp/q.json   # smoke run: seconds, numbers meaningless
+
+Three parts, all written to one JSON file and printed as tables:
+
+1. **Subjects**: 5 held-out subjects (one per class) with 4 photos each, trained with the default
+   preset. Per subject: training wall time, subject fidelity (identity similarity to the photos relative to
+   real-vs-real), prompt fidelity over 8 prompts (new backgrounds, positions, accessories, a colour
+   change) and prior drift of the plain class prompt against the base alone.
+2. **Ablation**: rank 4 vs 16, prior preservation, text-encoder LoRA and the new token, each
+   flipped from the default, on the first ``--ablation-subjects`` subjects.
+3. **Several users in one job**: K subjects trained together (each row routed to its own user's
+   LoRA) against the same K trained one after another: training throughput (images/s) and quality.
+
+Class images are generated (and cached) before any timing, so wall times are those of a user whose
+class prior is already on disk; the one-time cost is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adapters.fidelity import FidelitySettings, world_fidelity_hook  # noqa: E402
+from adapters.registry import Registry  # noqa: E402
+from adapters.samples import sample_subject_images, subject_instance  # noqa: E402
+from adapters.train import TrainJob, class_images, personalize_many, resolve_config  # noqa: E402
+from gen import world  # noqa: E402
+from gen.base import Base, load_base  # noqa: E402
+
+TARGETS = {
+    "train_seconds_max": 180.0,
+    "subject_fidelity_min": 0.85,
+    "prompt_fidelity_min": 0.80,
+    "prior_class_accuracy_drift_max": 0.05,
+    "prior_identity_drift_max": 0.05,
+    "multi_user_throughput_ratio_min": 2.0,
+}
+QUALITY_KEYS = ("subject_fidelity", "prompt_fidelity", "prior_drift_class_accuracy", "prior_drift_identity")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    subjects: tuple[str, ...]
+    photos: int = 4
+    preset: str = "balanced"
+    overrides: dict = field(default_factory=dict)  # applied to every run (quick mode shortens training)
+    fidelity: FidelitySettings = FidelitySettings()
+    ablation_subjects: int = 2
+    users_in_job: int = 4
+
+
+FULL = BenchSettings(subjects=tuple(f"{cls}-0" for cls in world.CLASSES[:5]))
+QUICK = BenchSettings(
+    subjects=("robot-0", "mug-0"),
+    overrides={"steps": 3, "num_class_images": 2, "class_image_steps": 2, "batch_size": 1},
+    fidelity=FidelitySettings(prompts=4, images_per_prompt=1, prior_images=1, steps=1),
+    ablation_subjects=1,
+    users_in_job=2,
+)
+
+
+def train(base: Base, subjects: list[str], settings: BenchSettings, registry: Registry, **options) -> list[dict]:
+    """Train ``subjects`` in one job; one row per subject: its metrics and the job's timing."""
+    jobs = []
+    for name in subjects:
+        photos = sample_subject_images(name, settings.photos)
+        hook = world_fidelity_hook(base, subject_instance(name).cls, photos, settings.fidelity, instance=subject_instance(name))
+        jobs.append(TrainJob(user=f"bench-{name}", concept=name, images=photos, class_word=subject_instance(name).cls, evaluate=hook))
+    records = personalize_many(base, jobs, registry=registry, preset=settings.preset, **{**settings.overrides, **options})
+    return [{"subject": name, **record.metrics} for name, record in zip(subjects, records)]
+
+
+def images_per_step(base: Base, settings: BenchSettings, users: int, **options) -> int:
+    cfg = resolve_config(base, settings.preset, **{**settings.overrides, **options})
+    return users * cfg.batch_size * (2 if cfg.prior_preservation else 1) * cfg.grad_accum
+
+
+def warm_class_images(base: Base, settings: BenchSettings) -> float:
+    """Generate every subject's class images once (they are cached); returns the seconds it took."""
+    cfg = resolve_config(base, settings.preset, **settings.overrides)
+    started = time.perf_counter()
+    for name in settings.subjects:
+        prompt = (cfg.class_prompt or "a {class_word}").format(class_word=subject_instance(name).cls)
+        class_images(base, prompt, cfg.num_class_images, cfg.resolution, cfg.class_image_steps)
+    return time.perf_counter() - started
+
+
+def ablation_variants(base: Base, settings: BenchSettings) -> list[tuple[str, dict]]:
+    """The default, then each studied option flipped (rank: both 4 and 16)."""
+    d = resolve_config(base, settings.preset, **settings.overrides)
+    onoff = lambda flag: "on" if flag else "off"  # noqa: E731
+    return [
+        (f"default (rank {d.rank}, prior {onoff(d.prior_preservation)}, text LoRA {onoff(d.text_encoder_lora)}, new token {onoff(d.new_token)})", {}),
+        *[(f"rank {r}", {"rank": r}) for r in (4, 16) if r != d.rank],
+        (f"prior {onoff(not d.prior_preservation)}", {"prior_preservation": not d.prior_preservation}),
+        (f"text LoRA {onoff(not d.text_encoder_lora)}", {"text_encoder_lora": not d.text_encoder_lora}),
+        (f"new token {onoff(not d.new_token)}", {"new_token": not d.new_token}),
+    ]
+
+
+def mean_of(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if key in r]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def table(title: str, header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells[1:]]
+    return "\n".join(lines)
+
+
+def run(base: Base, settings: BenchSettings, registry: Registry) -> dict:
+    class_image_seconds = warm_class_images(base, settings)
+    subjects = [row for name in settings.subjects for row in train(base, [name], settings, registry)]
+    summary = {key: mean_of(subjects, key) for key in ("train_seconds", *QUALITY_KEYS)}
+
+    ablation = []
+    for label, options in ablation_variants(base, settings):
+        rows = [row for name in settings.subjects[: settings.ablation_subjects] for row in train(base, [name], settings, registry, **options)]
+        ablation.append({"variant": label, "options": options, **{k: mean_of(rows, k) for k in ("train_seconds", *QUALITY_KEYS)}})
+
+    k = min(settings.users_in_job, len(settings.subjects))
+    names = list(settings.subjects[:k])
+    together = train(base, names, settings, registry)
+    alone = [row for name in names for row in train(base, [name], settings, registry)]
+    per_step = images_per_step(base, settings, 1)
+    steps = together[0]["steps"]
+    joint_rate = k * per_step * steps / together[0]["loop_seconds"]
+    sequential_rate = k * per_step * steps / sum(r["loop_seconds"] for r in alone)
+    multi_user = {
+        "users": k,
+        "images_per_s_one_job": joint_rate,
+        "images_per_s_sequential": sequential_rate,
+        "throughput_ratio": joint_rate / sequential_rate,
+        "train_seconds_one_job": together[0]["train_seconds"],
+        "train_seconds_sequential": sum(r["train_seconds"] for r in alone),
+        "quality_one_job": {key: mean_of(together, key) for key in QUALITY_KEYS},
+        "quality_sequential": {key: mean_of(alone, key) for key in QUALITY_KEYS},
+    }
+    return {
+        "class_image_seconds": class_image_seconds,
+        "subjects": subjects,
+        "summary": summary,
+        "ablation": ablation,
+        "multi_user": multi_user,
+    }
+
+
+def report(results: dict) -> str:
+    cols = ["train s", "subject fid", "prompt fid", "drift class acc", "drift identity"]
+    subjects = table(
+        "Subjects (targets: train <= 180 s, subject >= 0.85x, prompt >= 80%, |drift| <= 0.05)",
+        ["subject", *cols],
+        [[r["subject"], r["train_seconds"], *[r.get(k, float("nan")) for k in QUALITY_KEYS]] for r in results["subjects"]]
+        + [["mean", *[results["summary"][k] for k in ("train_seconds", *QUALITY_KEYS)]]],
+    )
+    ablation = table(
+        "Ablation (mean over the ablation subjects)",
+        ["variant", *cols],
+        [[r["variant"], r["train_seconds"], *[r[k] for k in QUALITY_KEYS]] for r in results["ablation"]],
+    )
+    m = results["multi_user"]
+    multi = table(
+        f"{m['users']} users in one job vs one after another (target: throughput ratio >= 2 at equal quality)",
+        ["mode", "images/s", "train s", "subject fid", "prompt fid"],
+        [
+            ["one job", m["images_per_s_one_job"], m["train_seconds_one_job"], m["quality_one_job"]["subject_fidelity"], m["quality_one_job"]["prompt_fidelity"]],
+            ["sequential", m["images_per_s_sequential"], m["train_seconds_sequential"], m["quality_sequential"]["subject_fidelity"], m["quality_sequential"]["prompt_fidelity"]],
+        ],
+    )
+    return "\n\n".join([subjects, ablation, multi, f"throughput ratio: {m['throughput_ratio']:.2f}x; class images (once): {results['class_image_seconds']:.1f} s"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", default="builtin", help="'builtin' or a diffusers folder of a base trained on the world")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 subjects, 3 steps, tiny evaluation")
+    parser.add_argument("--ablation-subjects", type=int, default=None, help="subjects per ablation variant (default: 2, quick: 1)")
+    parser.add_argument("--users-in-job", type=int, default=None, help="K for the several-users comparison (default: 4, quick: 2)")
+    parser.add_argument("--registry", default=None, help="registry folder (default: a temporary one)")
+    parser.add_argument("--out", default="runs/bench_personalize.json")
+    args = parser.parse_args(argv)
+
+    settings = QUICK if args.quick else FULL
+    if args.ablation_subjects is not None:
+        settings = replace(settings, ablation_subjects=args.ablation_subjects)
+    if args.users_in_job is not None:
+        settings = replace(settings, users_in_job=args.users_in_job)
+    base = load_base(args.base)
+    if base.defaults.stand_in:
+        print("note: the base is an untrained stand-in; fidelity numbers are meaningless until the trained base ships")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, Registry(args.registry or tmp) as registry:
+        results = run(base, settings, registry)
+    results.update(
+        targets=TARGETS,
+        settings={"quick": args.quick, "subjects": list(settings.subjects), "photos": settings.photos, "preset": settings.preset,
+                  "overrides": settings.overrides, "fidelity": settings.fidelity.__dict__, "config": resolve_config(base, settings.preset, **settings.overrides).to_record()},
+        environment={"base": args.base, "base_fingerprint": base.fingerprint, "stand_in": base.defaults.stand_in, "device": str(base.device),
+                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+                     "machine": platform.machine(), "total_seconds": time.perf_counter() - started},
+    )
+    print(report(results))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""The LoRA trainer on tiny pipelines: adapters, registry records, an untouched base, SDXL, several users,
+checkpoints and resume, divergence, options, ``accelerate launch`` with two processes, and the bench."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adapters.registry import Registry
+from adapters.samples import save_sample_subject
+from adapters.train import TrainingDiverged, TrainJob, personalize, resolve_config, train_adapters
+from adapters.train.config import add_config_arguments, overrides_from_args, profile_of
+from adapters.train.data import class_image_folder, class_images
+from adapters.train.loop import _min_snr_weights
+from gen.base import Base, fingerprint_pipeline, load_base
+from gen.errors import InvalidRequest
+from gen.sampler import Sampler
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"preset": "quick", "num_class_images": 2, "class_image_steps": 2}
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    save_sample_subject("mug-2", tmp_path / "photos", n=3)
+    return tmp_path / "photos"
+
+
+def snapshot(base: Base) -> dict:
+    """Everything training could leave behind on a base."""
+    pipe = base.pipe
+    models = {n: getattr(pipe, n) for n in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
+    return {
+        "fingerprint": fingerprint_pipeline(pipe, base.family),
+        "modules": {n: [(k, type(m).__name__) for k, m in model.named_modules()] for n, model in models.items()},
+        "attributes": {n: sorted(model.__dict__) for n, model in models.items()},
+        "requires_grad": {n: [p.requires_grad for p in model.parameters()] for n, model in models.items()},
+        "training": {n: [m.training for m in model.modules()] for n, model in models.items()},
+        "checkpointing": {n: any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) for n, model in models.items()},
+        "embeddings": {n: id(model.get_input_embeddings()) for n, model in models.items() if n != "unet"},
+        "tokenizers": [len(pipe.tokenizer), len(getattr(pipe, "tokenizer_2", None) or pipe.tokenizer)],
+    }
+
+
+def test_personalize_registers_a_served_adapter_and_gives_the_base_back_unchanged(tiny_sd_dir, photos, tmp_path):
+    base = load_base(tiny_sd_dir)
+    before = snapshot(base)
+    events, validations, live = [], [], {}
+
+    def evaluate(sampler, adapter):
+        live["image"] = sampler.generate(f"a {adapter.trigger} mug", seed=3, steps=3).images[0]
+        return {"probe": 0.5, "not_a_number": float("nan")}
+
+    with Registry(tmp_path / "reg") as registry, pytest.warns(UserWarning, match="not_a_number"):
+        record = personalize(
+            base, "alice", "robo", photos, "mug", registry=registry, evaluate=evaluate,
+            progress=lambda step, total, info: events.append((info["phase"], step, total)), on_validation=validations.append,
+            steps=4, lr=3e-2, token_lr=3e-2, rank=4, alpha=8, new_token=True, text_encoder_lora=True, min_snr_gamma=5.0,
+            validation_every=2, num_validation_images=1, **FAST,
+        )
+        adapter = registry.get("alice", "robo")
+    assert snapshot(base) == before
+
+    assert (record.user, record.concept, record.version, record.rank, record.alpha) == ("alice", "robo", 1, 4, 8.0)
+    assert (record.trigger, record.new_tokens, record.class_word) == ("<robo>", ("<robo>",), "mug")
+    assert record.data_fingerprints == tuple(hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(photos.iterdir()))
+    assert record.training_config["preset"] == "quick" and record.training_config["profile"] == "builtin"
+    assert record.training_config["steps"] == 4 and record.training_config["text_encoder_lora"] is True
+    assert record.metrics["probe"] == 0.5 and "not_a_number" not in record.metrics
+    assert {"final_loss", "train_seconds", "loop_seconds", "loss/step_000004"} <= set(record.metrics)
+    assert {k.split(".")[0] for k in adapter.tensors} == {"unet", "text_encoder"}
+    assert adapter.token_embeddings["text_encoder"].shape == (1, 32)
+    assert any(float(t.abs().max()) > 0 for k, t in adapter.tensors.items() if "lora_B" in k)
+
+    assert [e for e in events if e[0] == "train"] == [("train", s, 4) for s in range(1, 5)]
+    assert events[0][0] == "class images" and events[-1] == ("evaluate", 1, 1)
+    assert [(v.step, v.user, v.concept, v.prompt, len(v.images)) for v in validations] == [(s, "alice", "robo", "a <robo> mug", 1) for s in (2, 4)]
+
+    # Served through the registry (LoRA slots, token pool), the adapter draws what training saw live.
+    with Registry(tmp_path / "reg") as registry:
+        sampler = Sampler(base, adapters=registry)
+        served = sampler.generate("a <robo>", user="alice", seed=3, steps=3).images[0]
+        muted = sampler.generate("a <robo:0>", user="alice", seed=3, steps=3).images[0]
+    pixels = lambda im: np.asarray(im).astype(np.int16)  # noqa: E731
+    assert np.abs(pixels(served) - pixels(live["image"])).max() <= 2
+    assert np.abs(pixels(served) - pixels(muted)).mean() > 1  # the LoRA itself matters, not only the token
+
+
+def test_sdxl_trains_both_text_encoders_with_checkpointing_and_accumulation(tiny_sdxl_dir, photos):
+    base = load_base(tiny_sdxl_dir)
+    Sampler(base).generate("a mug", steps=1)  # a warm base: transformers installs its output hooks on first use
+    before = snapshot(base)
+    cfg = resolve_config(base, "quick", steps=2, grad_accum=2, new_token=True, text_encoder_lora=True, num_class_images=2, class_image_steps=2)
+    assert profile_of(base) == "sdxl" and cfg.gradient_checkpointing
+    (result,) = train_adapters(base, [TrainJob("bob", "toy", photos, "mug")], cfg)
+    assert snapshot(base) == before
+    adapter = result.adapter
+    assert {k.split(".")[0] for k in adapter.tensors} == {"unet", "text_encoder", "text_encoder_2"}
+    assert set(adapter.token_embeddings) == {"text_encoder", "text_encoder_2"}
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in adapter.tensors)
+    assert len(result.loss_curve) == 2 and all(np.isfinite(result.loss_curve))
+
+
+def test_users_trained_together_get_the_adapters_they_would_get_alone(tiny_sd_dir, tmp_path):
+    base = load_base(tiny_sd_dir)
+    for name in ("mug-1", "cat-2"):
+        save_sample_subject(name, tmp_path / name, n=2)
+    jobs = [TrainJob("u1", "a", tmp_path / "mug-1", "mug", seed=1), TrainJob("u2", "b", tmp_path / "cat-2", "cat", seed=2)]
+    cfg = resolve_config(base, steps=3, lr=1e-2, warmup_steps=0, **FAST)
+    together = train_adapters(base, jobs, cfg)
+    for job, joint in zip(jobs, together):
+        (alone,) = train_adapters(base, [job], cfg)
+        assert joint.adapter.tensors.keys() == alone.adapter.tensors.keys()
+        for key, tensor in joint.adapter.tensors.items():
+            torch.testing.assert_close(tensor, alone.adapter.tensors[key], rtol=1e-3, atol=1e-5)
+        assert joint.loss_curve == pytest.approx(alone.loss_curve, rel=1e-4)
+    assert together[0].metrics["users_in_job"] == 2.0
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_sd_dir, photos, tmp_path):
+    base = load_base(tiny_sd_dir)
+    job = [TrainJob("carol", "m", photos, "mug")]
+    settings = dict(steps=4, lr=1e-2, checkpoint_every=1, keep_checkpoints=2, **FAST)
+    (straight,) = train_adapters(base, job, resolve_config(base, output_dir=str(tmp_path / "a"), **settings))
+
+    def stop_after_two(step, total, info):
+        if info["phase"] == "train" and step == 2:
+            raise KeyboardInterrupt
+    cfg = resolve_config(base, output_dir=str(tmp_path / "b"), **settings)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapters(base, job, cfg, progress=stop_after_two)
+    checkpoint = tmp_path / "b" / "checkpoint-000002"
+    assert json.loads((checkpoint / "train_state.json").read_text())["step"] == 2
+    assert not any("model" in p.name and p.suffix in (".safetensors", ".bin") for p in checkpoint.iterdir())  # LoRA only, no base
+
+    steps = []
+    (resumed,) = train_adapters(base, job, cfg, progress=lambda s, t, i: steps.append(s) if i["phase"] == "train" else None)
+    assert steps == [3, 4]
+    assert resumed.loss_curve == pytest.approx(straight.loss_curve)
+    for key, tensor in straight.adapter.tensors.items():
+        torch.testing.assert_close(resumed.adapter.tensors[key], tensor)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint-000003", "checkpoint-000004"]
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_sd_dir, photos, tmp_path):
+    base = load_base(tiny_sd_dir)
+    before = snapshot(base)
+    cfg = resolve_config(base, steps=6, lr=1e30, warmup_steps=0, checkpoint_every=1, output_dir=str(tmp_path / "run"), **FAST)
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 2 \(loss dave/x: (nan|inf)\); the last good checkpoint is .*checkpoint-000001 \(step 1\)"):
+        train_adapters(base, [TrainJob("dave", "x", photos, "mug")], cfg)
+    assert (tmp_path / "run" / "checkpoint-000001" / "lora.safetensors").is_file()
+    assert snapshot(base) == before
+
+
+def test_presets_options_and_command_line_flags(tiny_sd_dir):
+    import argparse
+
+    base = load_base(tiny_sd_dir)
+    assert profile_of(base) == "builtin"  # a 64-px base, whatever its folder
+    cfg = resolve_config(base)
+    assert (cfg.resolution, cfg.alpha, cfg.mixed_precision, cfg.text_lr) == (64, float(cfg.rank), "no", cfg.lr)
+    assert resolve_config(base, "best").rank > resolve_config(base, "quick").rank
+    assert resolve_config(base, "balanced", trigger="zwx").new_token is False  # an explicit trigger replaces the new token
+    for options, message in [
+        ({"rnak": 4}, "unknown training option 'rnak'"),
+        ({"rank": 0}, "rank must be between 1 and 1024"),
+        ({"resolution": 63}, "resolution must be a multiple of 2"),
+        ({"mixed_precision": "fp16"}, "fp16 needs a CUDA device"),
+        ({"trigger": "zwx", "new_token": True}, "either a trigger or new_token"),
+    ]:
+        with pytest.raises(InvalidRequest, match=message):
+            resolve_config(base, **options)
+    with pytest.raises(InvalidRequest, match="unknown preset"):
+        resolve_config(base, "fastest")
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--rank", "16", "--no-prior-preservation", "--unet-targets", "to_q,to_v", "--min-snr-gamma", "5"])
+    assert overrides_from_args(args) == {"rank": 16, "prior_preservation": False, "unet_targets": ("to_q", "to_v"), "min_snr_gamma": 5.0}
+
+
+def test_min_snr_weights_stay_finite_with_zero_terminal_snr():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    t = torch.tensor([0, 500, 999])
+    v = _min_snr_weights(sched, t, 5.0, "v_prediction")
+    eps = _min_snr_weights(sched, t, 5.0, "epsilon")
+    assert torch.isfinite(v).all() and torch.isfinite(eps).all()
+    assert v[2] == 0 and eps[0] == pytest.approx(5.0 / float(_snr(sched, 0)), rel=1e-4)
+
+
+def _snr(sched, t: int) -> torch.Tensor:
+    a = sched.alphas_cumprod[t]
+    return a / (1 - a)
+
+
+def test_class_images_are_generated_once_per_base_and_prompt(tiny_sd_dir, monkeypatch):
+    base = load_base(tiny_sd_dir)
+    first = class_images(base, "a mug", 3, 64, steps=2)
+    folder = class_image_folder(base, "a mug", 64, 2)
+    assert folder.parent.name == base.fingerprint and folder.parent.parent.name == "class_images"
+    monkeypatch.setattr(Sampler, "generate", lambda *a, **k: pytest.fail("class images were generated twice"))
+    again = class_images(base, "a mug", 3, 64, steps=2)
+    assert [np.asarray(a).tolist() == np.asarray(b).tolist() for a, b in zip(first, again)] == [True] * 3
+
+
+def test_user_errors_stop_before_training_with_one_line(tiny_sd_dir, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_lora
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.jpg").write_bytes(b"not a jpeg")
+    code = train_lora.main(["--base", tiny_sd_dir, "--user", "eve", "--concept", "c", "--class-word", "mug", "--images", str(tmp_path / "bad"), "--registry", str(tmp_path / "reg")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "broken.jpg" in err
+
+
+def test_accelerate_launch_trains_with_two_processes(tiny_sd_dir, photos, tmp_path):
+    from accelerate.utils import write_basic_config
+
+    config = tmp_path / "accelerate.yaml"
+    write_basic_config(mixed_precision="no", save_location=str(config))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BESPOKE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    # Without a GPU, --multi_gpu makes torchrun start the processes; they join as a gloo group on the CPU.
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--multi_gpu", "--num_processes", "2",
+        str(ROOT / "scripts" / "train_lora.py"), "--base", tiny_sd_dir, "--user", "frank", "--concept", "duo", "--class-word", "mug",
+        "--images", str(photos), "--registry", str(tmp_path / "reg"), "--preset", "quick", "--steps", "2",
+        "--num-class-images", "2", "--class-image-steps", "2", "--no-evaluate", "--device", "cpu",
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("[process 1/2] frank/duo v1") for line in lines), run.stdout
+    assert any(line.startswith("[process 2/2] frank/duo v1") for line in lines), run.stdout
+    with Registry(tmp_path / "reg") as registry:
+        assert registry.for_user("frank").record("duo").metrics["steps"] == 2.0
+
+
+def test_bench_quick_writes_the_expected_json(tiny_sd_dir, tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_personalize
+
+    out = tmp_path / "bench.json"
+    bench_personalize.main(["--quick", "--base", tiny_sd_dir, "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert {"subjects", "summary", "ablation", "multi_user", "targets", "settings", "environment", "class_image_seconds"} <= set(data)
+    row = data["subjects"][0]
+    assert {"subject", "train_seconds", "evaluate_seconds", "subject_fidelity", "prompt_fidelity", "prior_drift_class_accuracy", "prior_drift_identity"} <= set(row)
+    labels = [r["variant"] for r in data["ablation"]]
+    assert labels[0].startswith("default") and {"rank 4", "rank 16"} <= set(labels) and len(labels) == 6
+    assert {"throughput_ratio", "images_per_s_one_job", "images_per_s_sequential", "quality_one_job"} <= set(data["multi_user"])
+
+
+def test_fidelity_metrics_rate_real_renders_as_faithful():
+    from adapters.fidelity import evaluation_prompt, evaluation_specs, prompt_fidelity, stated_attributes, subject_fidelity
+    from adapters.samples import sample_subject_images, subject_instance
+    from gen import world
+    from gen.evaluator import load_evaluator
+
+    evaluator = load_evaluator()
+    instance = subject_instance("robot-3")
+    photos = sample_subject_images(instance, 4)
+    specs = evaluation_specs("robot", 8, seed=0, instance=instance)
+    assert [kind for kind, _ in specs] == ["recontext", "position", "accessory", "colour"] * 2
+    prompts = [evaluation_prompt(kind, spec, "<robo>", i) for i, (kind, spec) in enumerate(specs)]
+    assert all("<robo> robot" in p for p in prompts)
+    assert all(stated_attributes(p)["position"] == spec.position for p, (kind, spec) in zip(prompts, specs) if kind == "position")
+    renders = [world.render(spec, 1000 + i) for i, (_, spec) in enumerate(specs)]
+    assert prompt_fidelity(renders, prompts, evaluator) >= 0.9  # the world itself follows its prompts
+    same = subject_fidelity([r for r, (kind, _) in zip(renders, specs) if kind != "colour"], photos, evaluator)
+    other = subject_fidelity(sample_subject_images("robot-4", 4), photos, evaluator)
+    assert same["subject_fidelity"] > 0.95 > other["subject_fidelity"]
