@@ -53,10 +53,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 QUICKSTART_PROMPTS = (
-    "a photo of a red mug on a grass background",
+    "a photo of a red mug on green grass",
     "a blue toy car on the left, white background",
-    "two yellow birds in the sky",
-    "a small green house on the right, water background",
+    "two yellow birds under a blue sky",
+    "a small house on the right, purple water background",
 )
 
 
