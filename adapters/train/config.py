@@ -140,11 +140,16 @@ def resolve_config(base, preset: str = "balanced", **overrides: Any) -> TrainCon
         resolution=cfg.resolution or base.default_size,
         mixed_precision=cfg.mixed_precision or _precision_of(base),
         text_lr=cfg.lr if cfg.text_lr is None else cfg.text_lr,
-        unet_targets=tuple(cfg.unet_targets),
-        text_targets=tuple(cfg.text_targets),
+        unet_targets=_names(cfg.unet_targets),
+        text_targets=_names(cfg.text_targets),
     )
     _check(cfg, base)
     return cfg
+
+
+def _names(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    """Module names as a tuple; a string is read as a comma-separated list."""
+    return tuple(p.strip() for p in value.split(",") if p.strip()) if isinstance(value, str) else tuple(value)
 
 
 def _precision_of(base) -> str:
@@ -212,7 +217,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif is_tuple:
-            group.add_argument(flag, type=lambda s: tuple(p.strip() for p in s.split(",") if p.strip()), default=None, metavar="A,B,...", help=help_text)
+            group.add_argument(flag, type=_names, default=None, metavar="A,B,...", help=help_text)
         else:
             group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=help_text)
 
