@@ -14,9 +14,10 @@ Mirrors DreamBench's scores, with the evaluator standing in for DINO and CLIP:
   accuracy and identity similarity to the subject relative to the base alone. Small drift means the
   adapter did not turn every robot into the user's robot.
 
-:func:`world_fidelity_hook` packages these as the trainer's ``evaluate`` hook. It applies when the
-evaluator can read the base's images: the base renders at the world's resolution and the class
-word is one of the world's classes (see :func:`world_evaluator_applies`).
+:func:`world_fidelity_hook` packages these as the trainer's ``evaluate`` hook, and
+:func:`world_captions` captions a subject's photos the way the base was trained to read. Both apply
+when the evaluator can read the base's images: the base renders at the world's resolution and the
+class word is one of the world's classes (see :func:`world_evaluator_applies`).
 """
 
 from __future__ import annotations
@@ -142,12 +143,36 @@ def evaluation_prompt(kind: str, spec: world.SceneSpec, trigger: str, seed: int)
     return prompt
 
 
-# --- the evaluate hook --------------------------------------------------------------------------
+# --- the evaluate hook and captions ---------------------------------------------------------------
 
 
 def world_evaluator_applies(base: Base, class_word: str) -> bool:
     """Whether the world's evaluator can judge this base's images of ``class_word``."""
     return class_word in world.CLASS_WORDS.values() and base.default_size == world.IMAGE_SIZE
+
+
+def _world_class(class_word: str) -> str:
+    return next(c for c, w in world.CLASS_WORDS.items() if w == class_word)
+
+
+def world_captions(images: Sequence[Image.Image], class_word: str, evaluator: Evaluator | None = None, seed: int = 0) -> list[str]:
+    """Caption templates (``{trigger}`` for the subject) describing each photo, as read by the evaluator.
+
+    The world's stand-in for BLIP captioning. A base trained on the world has only seen captions that
+    state background, scene, position and size; with the bare "a {trigger} robot" the trigger absorbs
+    the photos' backgrounds too (measured: identity similarity ~0.0 against ~0.5 with these captions).
+    The subject's colour is never stated: it is part of who the subject is.
+    """
+    evaluator = evaluator or load_evaluator()
+    instance = world.Instance(_world_class(class_word), 0)  # identity traits are not captioned
+    captions = []
+    for i, seen in enumerate(read_attributes(evaluator, images)):
+        spec = world.SceneSpec(
+            instance=instance, background=seen["background"], scene=seen["scene"], position=seen["position"],
+            size=seen["size"], count=seen["count"], accessory=seen["accessory"],
+        )
+        captions.append(world.caption(spec, np.random.default_rng([seed, i]), subject_token="{trigger}"))
+    return captions
 
 
 @dataclass(frozen=True)
@@ -177,7 +202,7 @@ def world_fidelity_hook(
     """
     if not world_evaluator_applies(base, class_word):
         return None
-    cls = next(c for c, w in world.CLASS_WORDS.items() if w == class_word)
+    cls = _world_class(class_word)
     evaluator = evaluator or load_evaluator()
     references = list(references)
     class_prompt = world.class_prompt(cls)

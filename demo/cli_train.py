@@ -35,6 +35,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--evaluate", action=argparse.BooleanOptionalAction, default=None,
         help="measure subject and prompt fidelity with the world's evaluator (default: when it applies to the base and class word)",
     )
+    parser.add_argument(
+        "--auto-captions", action=argparse.BooleanOptionalAction, default=None,
+        help="caption each photo with what the world's evaluator reads in it (default: when it applies and no --captions)",
+    )
     parser.add_argument("--samples-out", default=None, metavar="DIR", help="where validation grids go (with --validation-every; default: outputs/train/<user>-<concept>)")
     add_config_arguments(parser)
 
@@ -100,7 +104,7 @@ def process_state(device: str | None):
 def run_train(args: argparse.Namespace):
     """Load the base, train, register; returns the registry record (in every process)."""
     from adapters.data import load_images
-    from adapters.fidelity import world_evaluator_applies, world_fidelity_hook
+    from adapters.fidelity import world_captions, world_evaluator_applies, world_fidelity_hook
     from adapters.registry import Registry
     from adapters.train import personalize
     from gen.base import load_base
@@ -110,13 +114,16 @@ def run_train(args: argparse.Namespace):
     state = process_state(args.device)
     base = load_base(args.base, device=args.device or state.device, dtype=args.dtype, allow_network=args.allow_network)
     captions = _read_captions(args.captions)
+    world_applies = world_evaluator_applies(base, args.class_word)
+    for flag in ("evaluate", "auto_captions"):
+        if getattr(args, flag) and not world_applies:
+            raise InvalidRequest(f"the world's evaluator cannot read this base's images of {args.class_word!r}; drop --{flag.replace('_', '-')}")
+    photos = [im.image for im in load_images(args.images)] if world_applies else []
+    if captions is None and world_applies and args.auto_captions is not False:
+        captions = world_captions(photos, args.class_word)  # deterministic, so every process gets the same
     evaluate = None
-    if args.evaluate is not False and state.is_main_process:
-        if world_evaluator_applies(base, args.class_word):
-            references = [im.image for im in load_images(args.images)]
-            evaluate = world_fidelity_hook(base, args.class_word, references)
-        elif args.evaluate:
-            raise InvalidRequest(f"the world's evaluator cannot judge this base's images of {args.class_word!r}; drop --evaluate")
+    if world_applies and args.evaluate is not False and state.is_main_process:
+        evaluate = world_fidelity_hook(base, args.class_word, photos)
 
     samples_out = Path(args.samples_out or f"outputs/train/{args.user}-{args.concept}")
 

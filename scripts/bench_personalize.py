@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adapters.fidelity import FidelitySettings, world_fidelity_hook  # noqa: E402
+from adapters.fidelity import FidelitySettings, world_captions, world_fidelity_hook  # noqa: E402
 from adapters.registry import Registry  # noqa: E402
 from adapters.samples import sample_subject_images, subject_instance  # noqa: E402
 from adapters.train import TrainJob, class_images, personalize_many, resolve_config  # noqa: E402
@@ -60,6 +60,7 @@ class BenchSettings:
     fidelity: FidelitySettings = FidelitySettings()
     ablation_subjects: int = 2
     users_in_job: int = 4
+    auto_captions: bool = True  # caption photos with the evaluator's reading, as the CLI does
 
 
 FULL = BenchSettings(subjects=tuple(f"{cls}-0" for cls in world.CLASSES[:5]))
@@ -76,9 +77,10 @@ def train(base: Base, subjects: list[str], settings: BenchSettings, registry: Re
     """Train ``subjects`` in one job; one row per subject: its metrics and the job's timing."""
     jobs = []
     for name in subjects:
-        photos = sample_subject_images(name, settings.photos)
-        hook = world_fidelity_hook(base, subject_instance(name).cls, photos, settings.fidelity, instance=subject_instance(name))
-        jobs.append(TrainJob(user=f"bench-{name}", concept=name, images=photos, class_word=subject_instance(name).cls, evaluate=hook))
+        photos, cls = sample_subject_images(name, settings.photos), subject_instance(name).cls
+        hook = world_fidelity_hook(base, cls, photos, settings.fidelity, instance=subject_instance(name))
+        captions = world_captions(photos, cls) if settings.auto_captions else None  # what `bespoke train` does
+        jobs.append(TrainJob(user=f"bench-{name}", concept=name, images=photos, class_word=cls, captions=captions, evaluate=hook))
     records = personalize_many(base, jobs, registry=registry, preset=settings.preset, **{**settings.overrides, **options})
     return [{"subject": name, **record.metrics} for name, record in zip(subjects, records)]
 
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 subjects, 3 steps, tiny evaluation")
     parser.add_argument("--ablation-subjects", type=int, default=None, help="subjects per ablation variant (default: 2, quick: 1)")
     parser.add_argument("--users-in-job", type=int, default=None, help="K for the several-users comparison (default: 4, quick: 2)")
+    parser.add_argument("--bare-captions", action="store_true", help="train on 'a {trigger} {class}' instead of the evaluator's captions")
     parser.add_argument("--registry", default=None, help="registry folder (default: a temporary one)")
     parser.add_argument("--out", default="runs/bench_personalize.json")
     args = parser.parse_args(argv)
@@ -201,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         settings = replace(settings, ablation_subjects=args.ablation_subjects)
     if args.users_in_job is not None:
         settings = replace(settings, users_in_job=args.users_in_job)
+    if args.bare_captions:
+        settings = replace(settings, auto_captions=False)
     base = load_base(args.base)
     if base.defaults.stand_in:
         print("note: the base is an untrained stand-in; fidelity numbers are meaningless until the trained base ships")
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = run(base, settings, registry)
     results.update(
         targets=TARGETS,
-        settings={"quick": args.quick, "subjects": list(settings.subjects), "photos": settings.photos, "preset": settings.preset,
+        settings={"quick": args.quick, "subjects": list(settings.subjects), "photos": settings.photos, "preset": settings.preset, "auto_captions": settings.auto_captions,
                   "overrides": settings.overrides, "fidelity": settings.fidelity.__dict__, "config": resolve_config(base, settings.preset, **settings.overrides).to_record()},
         environment={"base": args.base, "base_fingerprint": base.fingerprint, "stand_in": base.defaults.stand_in, "device": str(base.device),
                      "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),

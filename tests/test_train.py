@@ -260,8 +260,8 @@ def test_bench_quick_writes_the_expected_json(tiny_sd_dir, tmp_path):
 
 
 def test_fidelity_metrics_rate_real_renders_as_faithful():
-    from adapters.fidelity import evaluation_prompt, evaluation_specs, prompt_fidelity, stated_attributes, subject_fidelity
-    from adapters.samples import sample_subject_images, subject_instance
+    from adapters.fidelity import evaluation_prompt, evaluation_specs, prompt_fidelity, stated_attributes, subject_fidelity, world_captions
+    from adapters.samples import sample_subject_images, subject_instance, subject_specs
     from gen import world
     from gen.evaluator import load_evaluator
 
@@ -278,3 +278,8 @@ def test_fidelity_metrics_rate_real_renders_as_faithful():
     same = subject_fidelity([r for r, (kind, _) in zip(renders, specs) if kind != "colour"], photos, evaluator)
     other = subject_fidelity(sample_subject_images("robot-4", 4), photos, evaluator)
     assert same["subject_fidelity"] > 0.95 > other["subject_fidelity"]
+
+    captions = world_captions(photos, "robot", evaluator)  # the photos described as the base was taught to read
+    for caption, spec in zip(captions, subject_specs(instance, 4)):
+        stated = stated_attributes(caption.format(trigger="<robo>"))
+        assert "{trigger} robot" in caption and (stated["background"], stated["scene"]) == (spec.background, spec.scene)
