@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="builtin", help="'builtin' or a diffusers folder of a base trained on the world")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 subjects, 3 steps, tiny evaluation")
+    parser.add_argument("--preset", default=None, help="training preset for every run (default: balanced)")
     parser.add_argument("--ablation-subjects", type=int, default=None, help="subjects per ablation variant (default: 2, quick: 1)")
     parser.add_argument("--users-in-job", type=int, default=None, help="K for the several-users comparison (default: 4, quick: 2)")
     parser.add_argument("--bare-captions", action="store_true", help="train on 'a {trigger} {class}' instead of the evaluator's captions")
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
         settings = replace(settings, ablation_subjects=args.ablation_subjects)
     if args.users_in_job is not None:
         settings = replace(settings, users_in_job=args.users_in_job)
+    if args.preset is not None:
+        settings = replace(settings, preset=args.preset)
     if args.bare_captions:
         settings = replace(settings, auto_captions=False)
     base = load_base(args.base)

@@ -97,10 +97,12 @@ def _sdxl(**kw) -> TrainConfig:
 
 
 PRESETS: dict[str, dict[str, TrainConfig]] = {
+    # Measured on the built-in base (robot-0, 4 photos, evaluator captions, 2 CPU cores): 300 steps gave
+    # subject fidelity 0.30 and prompt fidelity 54% in 36 s; 800 steps 0.51 and 61% in 100 s.
     "builtin": {
-        "quick": _small(rank=4, steps=150, num_class_images=16),
-        "balanced": _small(rank=8, steps=300, new_token=True),
-        "best": _small(rank=16, steps=600, new_token=True, text_encoder_lora=True, min_snr_gamma=5.0),
+        "quick": _small(rank=4, steps=300, num_class_images=16),
+        "balanced": _small(rank=8, steps=800, new_token=True),
+        "best": _small(rank=16, steps=1500, new_token=True),
     },
     "sd": {
         "quick": _sd(rank=4, steps=400, num_class_images=50),

@@ -4,9 +4,10 @@ The base is a warm object other code holds on to, so training borrows it and giv
 was: :func:`attach` injects peft LoRA layers (``inject_adapter_in_model``: the same layers diffusers'
 ``add_adapter`` makes) and :meth:`Attachment.detach` removes them again, restoring every
 parameter's ``requires_grad``, every module's train/eval mode, gradient checkpointing, the text
-encoders' token embeddings and any attribute set on the models meanwhile (accelerate's autocast
-wrapper on ``forward``, peft's ``peft_config``). The tokenizers are never touched: training uses
-copies that also know the new tokens.
+encoders' token embeddings and the attributes peft, accelerate and transformers set on a model they
+work with (:data:`BORROW_ATTRIBUTES`). The tokenizers are never touched: training uses copies that
+also know the new tokens. Tests compare a base's weights, module tree, attributes, flags and
+tokenizers before and after training.
 
 Several users train in one job as K peft adapters on the same layers. Each batch row belongs to one
 user, and peft's mixed-batch forward (``adapter_names=[...]``, one name per row) sends it through
