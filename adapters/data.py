@@ -5,6 +5,8 @@ told so, which keeps its other, rarer parsers away from user bytes), the pixel c
 from the header before any decoding (a decompression bomb is refused, never decoded), and every
 file is fully decoded up front so a truncated or corrupt file fails here rather than mid-training.
 All problems are collected and reported together, by file name, so a user fixes a folder in one go.
+Names are shown with control and bidirectional-override characters escaped, so a crafted name
+(``photo\u202egnp.exe``) cannot disguise itself in an error message.
 
 Phones store orientation in EXIF rather than in the pixels, so it is applied first; then any mode
 (RGBA, LA, P with transparency, grayscale, CMYK, 16-bit) becomes 8-bit RGB, transparent areas
@@ -20,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import string
+import unicodedata
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +36,12 @@ from gen.errors import BespokeError, InvalidRequest
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")  # the JPEG opener also reads MPO, the multi-picture JPEG of many cameras
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MAX_CAPTION_CHARS = 2000  # far past any text encoder's limit (77 tokens); longer text is an error, not a caption
+# Magic numbers of formats users commonly send, to name them when they are refused or damaged.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x80", "pickle"), (b"PK\x03\x04", "zip"), (b"%PDF", "PDF"),
+)
 ImageSource = str | os.PathLike | Image.Image
 
 
@@ -47,6 +57,7 @@ class ImageLimits:
     max_images: int = 50
     max_pixels: int = 64_000_000  # larger than any phone photo (48 MP), far below a bomb
     max_file_bytes: int = 50 << 20
+    min_side: int = 16  # a 1x1 (or 8x8) "photo" holds no subject to learn
 
 
 @dataclass(frozen=True)
@@ -98,7 +109,7 @@ def load_images(sources: ImageSource | Sequence[ImageSource], limits: ImageLimit
         try:
             loaded.append(_load_one(item, name, limits))
         except _Refused as e:
-            problems.append(f"{name}: {e}")
+            problems.append(f"{shown_name(name)}: {e}")
     if problems:
         raise InvalidImages(f"{len(problems)} of {len(items)} images cannot be used: " + "; ".join(problems))
     return loaded
@@ -106,6 +117,20 @@ def load_images(sources: ImageSource | Sequence[ImageSource], limits: ImageLimit
 
 class _Refused(Exception):
     """Why one image was refused (collected into :class:`InvalidImages`)."""
+
+
+def shown_name(name: str) -> str:
+    """``name`` with control and format characters (NUL, newlines, bidi overrides) escaped as ``\\uXXXX``."""
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf") else c for c in name)
+
+
+def _format_of(data: bytes) -> str | None:
+    """The format ``data`` announces by its magic number, if it is one we can name."""
+    if data[4:8] == b"ftyp":  # ISO media: the brand says which
+        return "HEIC/AVIF" if data[8:12] in (b"heic", b"heix", b"mif1", b"avif") else "MP4/QuickTime"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
 
 
 def _load_one(item: Path | Image.Image, name: str, limits: ImageLimits) -> UserImage:
@@ -120,17 +145,24 @@ def _load_one(item: Path | Image.Image, name: str, limits: ImageLimits) -> UserI
         data = item.read_bytes()
     except FileNotFoundError:
         raise _Refused("no such file") from None
+    except ValueError:  # a NUL byte in the path
+        raise _Refused("is not a valid file name") from None
     except OSError as e:
         raise _Refused(f"cannot be read ({e.strerror or e})") from None
+    if not data:
+        raise _Refused("is empty (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own bomb check: an error here
         try:
             with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as im:
                 _check_pixels(im.size, limits)  # from the header, before decoding
+                frames = getattr(im, "n_frames", 1)
+                if frames > 1 and im.format != "MPO":  # MPO: a camera's still with a preview frame
+                    raise _Refused(f"is animated ({frames} frames); give a still photo")
                 im.load()
                 image = to_rgb(im)
         except UnidentifiedImageError:
-            raise _Refused("not a JPEG, PNG or WebP image") from None
+            raise _Refused(_unreadable(data)) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise _Refused(f"refused as a decompression bomb ({e})") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -138,10 +170,22 @@ def _load_one(item: Path | Image.Image, name: str, limits: ImageLimits) -> UserI
     return UserImage(name, image, hashlib.sha256(data).hexdigest())
 
 
+def _unreadable(data: bytes) -> str:
+    """Why PIL found no image in ``data``: a format we do not take, or a damaged file of one we do."""
+    fmt = _format_of(data)
+    if fmt in ("JPEG", "PNG", "WebP"):
+        return f"a damaged {fmt} (its header cannot be parsed)"
+    if fmt is not None:
+        return f"is a {fmt} file; give a JPEG, PNG or WebP image"
+    return "not a JPEG, PNG or WebP image"
+
+
 def _check_pixels(size: tuple[int, int], limits: ImageLimits) -> None:
     w, h = size
     if w < 1 or h < 1:
         raise _Refused(f"has no pixels ({w}x{h})")
+    if min(w, h) < limits.min_side:
+        raise _Refused(f"{w}x{h} is too small; photos need at least {limits.min_side} pixels a side")
     if w * h > limits.max_pixels:
         raise _Refused(f"{w}x{h} is {w * h} pixels, over the {limits.max_pixels}-pixel limit")
 
@@ -177,12 +221,22 @@ def center_crop_resize(image: Image.Image, size: int) -> tuple[Image.Image, tupl
 
 
 def fill(template: str, what: str, **values: str) -> str:
-    """``template`` with its ``{name}`` placeholders filled from ``values``; any other placeholder is a user error."""
+    """``template`` with its ``{name}`` placeholders filled from ``values``; any other placeholder is a user error.
+
+    Only bare ``{name}`` fields are allowed: ``str.format`` would also honour format specs and
+    attribute access, so ``{trigger:>999999999}`` from a user's caption would build a gigabyte string.
+    """
+    allowed = ", ".join("{" + name + "}" for name in values)
+    shown = repr(template if len(template) <= 80 else template[:77] + "...")
     try:
-        return template.format(**values)
-    except (KeyError, IndexError, ValueError) as e:
-        allowed = ", ".join("{" + name + "}" for name in values)
-        raise InvalidRequest(f"{what} {template!r} may only use the placeholders {allowed} ({type(e).__name__}: {e})") from None
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise InvalidRequest(f"{what} {shown} may only use the placeholders {allowed} ({e})") from None
+    for field, spec, conversion in fields:
+        if field not in values or spec or conversion:
+            bad = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise InvalidRequest(f"{what} {shown} may only use the placeholders {allowed}, not {bad[:40]!r}")
+    return template.format(**values)
 
 
 def default_caption(trigger: str, class_word: str) -> str:
@@ -209,6 +263,9 @@ def caption_templates(
         if isinstance(captions, str) or len(captions) != len(images):
             raise InvalidImages(f"got {1 if isinstance(captions, str) else len(captions)} captions for {len(images)} images; give one per image or a mapping by file name")
         templates = list(captions)
+    long = [im.name for im, t in zip(images, templates) if t is not None and len(t) > MAX_CAPTION_CHARS]
+    if long:
+        raise InvalidImages(f"captions are limited to {MAX_CAPTION_CHARS} characters (the text encoder reads about 300); too long for: {', '.join(map(shown_name, long))}")
     missing = [im.name for im, t in zip(images, templates) if t is not None and "{trigger}" not in t]
     if missing:
         raise InvalidImages(f"captions must contain {{trigger}} where the subject is named (e.g. 'a {{trigger}} dog on a beach'); missing in: {', '.join(missing)}")

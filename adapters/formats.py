@@ -160,8 +160,12 @@ def _write_file(path: Path, data: bytes) -> Path:
     """Write beside the target and rename, so a reader never sees a half-written export."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, say: leave no half file behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

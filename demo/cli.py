@@ -52,30 +52,63 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-QUICKSTART_PROMPTS = (
-    "a photo of a red mug on green grass",
-    "a blue toy car on the left, white background",
-    "two yellow birds under a blue sky",
-    "a small house on the right, purple water background",
+QUICKSTART_CONTEXTS = (
+    "a photo of {} on a blue background",
+    "{} wearing a hat on green grass",
+    "{} on the left, purple water background",
+    "a red {}, white background",
 )
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """The README's main job: sample the built-in base for a few prompts and save a labelled grid."""
+    """The README's main job: personalize a sample subject from 4 photos, then save a before/after grid.
+
+    Before = the base prompted with the class word; after = the same prompt and seed with the
+    subject's ``<concept>`` mention, so every difference in a row is the adapter's doing.
+    """
+    from adapters.fidelity import world_fidelity_hook
+    from adapters.registry import Registry
+    from adapters.samples import sample_subject_images, subject_instance
+    from adapters.train import personalize
+    from demo.cli_train import ProgressBars, _print_summary
     from gen import Sampler, load_base
+    from gen.errors import InvalidRequest
     from gen.grid import make_grid
 
+    try:
+        instance = subject_instance(args.subject)
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
     base = load_base(args.base, device=args.device, dtype=args.dtype, allow_network=args.allow_network)
-    if base.defaults.stand_in:
-        print("note: this base is an untrained stand-in (random weights); its images are noise until the trained built-in model ships")
-    sampler = Sampler(base)
-    rows = []
-    for prompt in tqdm(QUICKSTART_PROMPTS, desc="prompts", unit="prompt"):
-        rows.append(sampler.generate(prompt, num_images=4, seed=args.seed).images)
+    photos = sample_subject_images(instance, n=4, seed=args.seed)
+    concept = args.subject.replace("-", "_")
+    evaluate = world_fidelity_hook(base, instance.cls, photos, instance=instance)
+    bars = ProgressBars()
+    try:
+        with Registry(args.registry) as registry:
+            record = personalize(
+                base, args.user, concept, photos, instance.cls, registry=registry, progress=bars, evaluate=evaluate,
+                preset=args.preset, **({"steps": args.train_steps} if args.train_steps else {}),
+            )
+            _print_summary(record)
+            sampler = Sampler(base, adapters=registry)
+            rows, labels = [photos], ["training photos"]
+            for context in tqdm(QUICKSTART_CONTEXTS, desc="before/after", unit="prompt"):
+                before = sampler.generate(context.format(f"a {instance.cls}"), num_images=2, seed=args.seed).images
+                prompt = context.format(f"<{concept}>")
+                after = sampler.generate(prompt, num_images=2, seed=args.seed, user=args.user).images
+                rows.append([*before, *after])
+                labels.append(prompt)
+    finally:
+        bars.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(rows, row_labels=QUICKSTART_PROMPTS, col_labels=[f"seed {args.seed + i}" for i in range(4)], title=f"base: {base.source} ({base.fingerprint})")
-    path = out / "quickstart_grid.png"
+    seeds = [f"seed {args.seed + i}" for i in range(2)]
+    grid = make_grid(
+        rows, row_labels=labels, col_labels=[f"before: base, {s}" for s in seeds] + [f"after: <{concept}>, {s}" for s in seeds],
+        title=f"{args.user}/{concept} v{record.version} on {base.source} ({base.fingerprint})",
+    )
+    path = out / "before_after.png"
     grid.save(path)
     print(path)
     return 0
@@ -103,8 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="outputs", help="output folder (default: ./outputs)")
     gen.set_defaults(func=cmd_generate)
 
-    quick = sub.add_parser("quickstart", help="sample the built-in base for a few prompts and save a labelled grid")
+    quick = sub.add_parser("quickstart", help="personalize a sample subject from 4 photos and save a before/after grid")
     _add_base_args(quick)
+    quick.add_argument("--subject", default="robot-3", help="a held-out world subject: <class>-<0..9> (default: robot-3)")
+    quick.add_argument("--user", default="quickstart", help="whose registry entry the adapter becomes (default: quickstart)")
+    quick.add_argument("--registry", default=None, help="registry folder (default: $BESPOKE_REGISTRY, else <cache dir>/registry)")
+    quick.add_argument("--preset", default="balanced", help="quick, balanced or best (default: balanced)")
+    quick.add_argument("--train-steps", type=int, default=None, help="training steps (default: the preset's)")
     quick.add_argument("--seed", type=int, default=0)
     quick.add_argument("--out", default="outputs/quickstart")
     quick.set_defaults(func=cmd_quickstart)
@@ -113,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     from demo.cli_train import add_train_commands
 
     add_train_commands(sub)
+    from demo.cli_eval import add_eval_commands
+    add_eval_commands(sub)
+    from demo.cli_demo import add_demo_commands
+    add_demo_commands(sub)
     add_registry_commands(sub)
 
     # argparse sizes its help columns before subcommands exist and wraps badly; list them ourselves.

@@ -104,11 +104,12 @@ def process_state(device: str | None):
 def run_train(args: argparse.Namespace):
     """Load the base, train, register; returns the registry record (in every process)."""
     from adapters.data import load_images
-    from adapters.fidelity import world_captions, world_evaluator_applies, world_fidelity_hook
+    from adapters.fidelity import world_captions, world_fidelity_hook
     from adapters.registry import Registry
     from adapters.train import personalize
     from gen.base import load_base
     from gen.errors import InvalidRequest
+    from gen.evaluate import world_evaluator_applies
     from gen.grid import make_grid
 
     state = process_state(args.device)

@@ -16,3 +16,7 @@ class BaseLoadError(BespokeError):
 
 class InvalidRequest(BespokeError):
     """A generation request (prompt, size, dtype, scheduler, ...) is not valid."""
+
+
+class EvaluationError(BespokeError):
+    """An evaluation cannot run as asked (no images, no evaluator for this base, a model path that is not there)."""

@@ -48,7 +48,13 @@ class Provenance:
         return cls(**clean)
 
     def generate_kwargs(self) -> dict:
-        """Arguments for ``Sampler.generate`` that reproduce exactly this image."""
+        """Arguments for ``Sampler.generate`` that reproduce exactly this image.
+
+        The user and style come back, and every adapter is pinned to the version that was used
+        (``versions``), so a replay never silently picks up a newer ``latest``.
+        """
+        styles = [a for a in self.adapters if a.get("kind") == "style"]
+        versions = {a["concept"]: a["version"] for a in self.adapters if isinstance(a.get("version"), int)}
         return dict(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
@@ -59,6 +65,9 @@ class Provenance:
             scheduler=self.scheduler,
             height=self.height,
             width=self.width,
+            user=self.user,
+            style=f"{styles[0]['concept']}:{styles[0]['weight']!r}" if styles else None,
+            versions=versions or None,
         )
 
 

@@ -21,7 +21,7 @@ import re
 import secrets
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -52,6 +52,7 @@ SCHEDULERS: dict[str, tuple[type, dict]] = {
 MAX_IMAGES = 64
 MAX_STEPS = 1000
 MAX_SIDE = 4096
+MAX_PROMPT_CHARS = 2000  # text encoders read ~77 tokens (~300 characters); far longer text is refused, not fitted
 
 ProgressFn = Callable[[int, int], None]
 
@@ -130,6 +131,7 @@ class Request:
     user: str | None = None
     style: str | None = None  # a style adapter of the user's, "name" or "name:weight"
     progress: ProgressFn | None = None
+    versions: Mapping[str, int] | None = None  # concept or style name -> version to use instead of latest
 
 
 @dataclass
@@ -184,25 +186,44 @@ class Sampler:
         user: str | None = None,
         style: str | None = None,
         progress: ProgressFn | None = None,
+        versions: Mapping[str, int] | None = None,
     ) -> Generation:
         """Generate ``num_images`` images for ``prompt``; image ``i`` uses seed ``seed + i``.
 
         With ``user``, the prompt may mention that user's concepts (``<rex>``, ``<rex:0.8>``) and
         ``style`` may add one of their adapters by name (``"watercolor"`` or ``"watercolor:0.6"``).
+        ``versions`` pins named adapters to a version (``{"rex": 2}``); the rest use ``latest``.
         """
         request = Request(
-            prompt, negative_prompt, num_images, seed, steps, guidance_scale, scheduler, height, width, user, style, progress
+            prompt, negative_prompt, num_images, seed, steps, guidance_scale, scheduler, height, width, user, style, progress,
+            versions,
         )
         return self.generate_many([request])[0]
 
-    def generate_many(self, requests: Sequence[Request]) -> list[Generation]:
-        """Serve several requests (any users), batched with each other and with other threads' requests."""
-        jobs = [self._plan(r) for r in requests]
+    def generate_many(self, requests: Sequence[Request], *, return_exceptions: bool = False) -> list[Generation] | list[Generation | Exception]:
+        """Serve several requests (any users), batched with each other and with other threads' requests.
+
+        By default the first failure is raised, and a request that fails before it is queued (an
+        unknown concept, a damaged adapter) stops the whole call before anything runs. With
+        ``return_exceptions`` every request is served on its own merits: a failed one gets its
+        exception in its place in the list, and the others their images, as with ``asyncio.gather``.
+        """
+        planned: list[_Job | Exception] = []
+        for request in requests:
+            try:
+                planned.append(self._plan(request))
+            except Exception as e:
+                if not return_exceptions:
+                    raise
+                planned.append(e)
+        jobs = [job for job in planned if isinstance(job, _Job)]
         with self._pending_lock:
             self._pending += jobs
         with self._lock:
             while not all(job.done for job in jobs):
                 self._run_batch(self._next_batch())
+        if return_exceptions:
+            return [job if isinstance(job, Exception) else job.error or job.result for job in planned]
         for job in jobs:
             if job.error is not None:
                 raise job.error
@@ -219,14 +240,16 @@ class Sampler:
             height=self.base.default_size if request.height is None else request.height,
             width=self.base.default_size if request.width is None else request.width,
         )
-        self._validate(r.prompt, r.num_images, r.steps, r.guidance_scale, r.height, r.width)
+        self._validate(r.prompt, r.num_images, r.steps, r.guidance_scale, r.height, r.width, r.negative_prompt)
         make_scheduler(r.scheduler, self.base.pipe.scheduler.config)  # refuse an unknown name before queueing
         tokenizer = self._fit_tokenizer
         if self.serving is not None:
             refuse_placeholders(r.negative_prompt)
-            resolved = self.serving.resolve(r.user, r.prompt, r.style)
+            resolved = self.serving.resolve(r.user, r.prompt, r.style, r.versions)
         elif r.style is not None:
             raise InvalidRequest("a style needs a sampler with an adapter source")
+        elif r.versions:
+            raise InvalidRequest("pinned versions need a sampler with an adapter source")
         else:
             resolved = NO_ADAPTERS
         prompt = fit_prompt(tokenizer, r.prompt, resolved.expand)
@@ -324,9 +347,13 @@ class Sampler:
         )
         return list(out.images)
 
-    def _validate(self, prompt, num_images, steps, guidance_scale, height, width) -> None:
+    def _validate(self, prompt, num_images, steps, guidance_scale, height, width, negative_prompt=None) -> None:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidRequest("the prompt is empty")
+        for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+            if text is not None and (not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS):
+                size = f"{len(text)} characters" if isinstance(text, str) else f"a {type(text).__name__}, not text"
+                raise InvalidRequest(f"the {name} is {size}; the limit is {MAX_PROMPT_CHARS} (the text encoder reads about 300)")
         if not 1 <= num_images <= MAX_IMAGES:
             raise InvalidRequest(f"num_images must be between 1 and {MAX_IMAGES}, got {num_images}")
         if not 1 <= steps <= MAX_STEPS:

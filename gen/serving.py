@@ -9,13 +9,19 @@ rows to their new tokens.
 
 ``latest`` is resolved to a version number through the source at most every
 ``latest_ttl_s`` seconds per concept; the cache is keyed by concrete versions, so a newly
-published version is served within that delay and a pinned version never goes stale.
+published version is served within that delay and a pinned version (``versions={"rex": 2}``,
+as a provenance replay passes) never goes stale.
+
+Everything is keyed by the requesting user: mentions resolve only among their concepts, and the
+cache, the ``latest`` table and the token pool all key on (user, concept, version), so two users'
+concepts of the same name never meet.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -108,10 +114,14 @@ class AdapterServing:
 
     # --- in the caller's thread ---
 
-    def resolve(self, user: str | None, prompt: str, style: str | None = None) -> Resolved:
-        """Load the adapters ``prompt`` mentions (and ``style``) for ``user``; the text they become."""
+    def resolve(self, user: str | None, prompt: str, style: str | None = None, versions: Mapping[str, int] | None = None) -> Resolved:
+        """Load the adapters ``prompt`` mentions (and ``style``) for ``user``; the text they become.
+
+        ``versions`` pins some of them (by name) to a version; the others use ``latest``.
+        """
         mentions = parse_mentions(prompt)
         named = mentions + ([parse_style(style)] if style is not None else [])
+        pins = _check_pins(versions, [m.name for m in named])
         if not named:
             return NO_ADAPTERS
         if user is None:
@@ -121,7 +131,7 @@ class AdapterServing:
         check_known(user, named, self.source.concepts(user))
         adapters, texts, owners = [], {}, []
         for i, mention in enumerate(named):
-            served = self._load(user, mention.name)
+            served = self._load(user, mention.name, pins.get(mention.name))
             adapters.append((served, mention.weight, "concept" if i < len(mentions) else "style"))
             texts[mention.name] = concept_text(served.info, mention.name, len(owners))
             owners += [(served.key, j) for j in range(len(served.info.new_tokens))]
@@ -134,25 +144,30 @@ class AdapterServing:
     def stats(self) -> CacheStats:
         return self.cache.stats()
 
-    def _load(self, user: str, concept: str) -> ServedAdapter:
-        """The served adapter for ``latest`` of (user, concept), through the cache."""
+    def _load(self, user: str, concept: str, version: int | None = None) -> ServedAdapter:
+        """The served adapter for ``version`` (default ``latest``) of (user, concept), through the cache."""
+        if version is not None:
+            return self.cache.get((user, concept, version), lambda: self._serve(self.source.get(user, concept, version), user))
         now = time.monotonic()
         with self._latest_lock:
             known = self._latest.get((user, concept))
         if known is not None and known[1] > now:
             version = known[0]
             ref = "latest" if version is None else version
-            return self.cache.get((user, concept, version), lambda: self._serve(self.source.get(user, concept, ref)))
+            return self.cache.get((user, concept, version), lambda: self._serve(self.source.get(user, concept, ref), user))
         adapter = self.source.get(user, concept, "latest")
         with self._latest_lock:
             self._latest[(user, concept)] = (adapter.version, now + self.config.latest_ttl_s)
             self._latest.move_to_end((user, concept))
             if len(self._latest) > MAX_LATEST_ENTRIES:
                 self._latest.popitem(last=False)
-        return self.cache.get((user, concept, adapter.version), lambda: self._serve(adapter))
+        return self.cache.get((user, concept, adapter.version), lambda: self._serve(adapter, user))
 
-    def _serve(self, adapter: LoraAdapter) -> ServedAdapter:
+    def _serve(self, adapter: LoraAdapter, user: str) -> ServedAdapter:
         what = f"{adapter.user}/{adapter.concept} v{adapter.version}"
+        if adapter.user is not None and unicodedata.normalize("NFC", adapter.user) != unicodedata.normalize("NFC", user):
+            # The source is trusted to scope by user; this keeps a faulty one from crossing users anyway.
+            raise InvalidRequest(f"the adapter source returned {what} for user {user!r}; another user's adapter is never served")
         if adapter.base_fingerprint != self.fingerprint:
             raise AdapterDoesNotFit(f"{what} was trained on base {adapter.base_fingerprint}; this sampler serves base {self.fingerprint}")
         packed = self.runtime.pack(adapter, what, self._pack_device)
@@ -184,3 +199,14 @@ class AdapterServing:
         cfg = self.config.runtime
         pool = len(self.tokens.tokens) if self.tokens else 0
         return f"total rank {cfg.max_rank}, {pool} new tokens"
+
+
+def _check_pins(versions: Mapping[str, int] | None, named: Sequence[str]) -> dict[str, int]:
+    """``versions`` checked: each names an adapter of the request and is a version number."""
+    pins = dict(versions or {})
+    for name, version in pins.items():
+        if name not in named:
+            raise InvalidRequest(f"versions pins <{name}>, which the request does not mention")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise InvalidRequest(f"versions: <{name}> must be pinned to a version number (1, 2, ...), not {version!r}")
+    return pins

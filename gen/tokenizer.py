@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections import Counter
 from collections.abc import Iterable
 from functools import cache
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
 START, END = "<|startoftext|>", "<|endoftext|>"
+_WORD = re.compile(r"\w+|[^\w\s]+")  # words and runs of punctuation, as the Whitespace pre-tokenizer splits
 
 
 @cache
@@ -33,24 +35,54 @@ def _byte_symbols() -> tuple[str, ...]:
     return tuple(chr(codes[b]) for b in range(256))
 
 
+def learn_merges(corpus: Iterable[str], num_merges: int) -> list[tuple[str, str]]:
+    """Byte-level BPE merges, most frequent pair first, ties broken by the pair itself.
+
+    ``tokenizers``' trainer breaks ties between equally frequent pairs differently from run to run,
+    so the same corpus gave different vocabularies (and a pipeline different images for the same
+    prompt) in two processes. Our corpora are a few hundred distinct words, so the plain algorithm
+    over word counts is instant and, with an explicit tie-break, deterministic.
+    """
+    symbols = _byte_symbols()
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in corpus:
+        for word in _WORD.findall(text.lower()):
+            chars = [symbols[b] for b in word.encode("utf-8")]
+            words[(*chars[:-1], chars[-1] + "</w>")] += 1
+    merges: list[tuple[str, str]] = []
+    while len(merges) < num_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        words = Counter({_merge(word, best): count for word, count in words.items()})
+    return merges
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
 def build_clip_tokenizer(corpus: Iterable[str], out_dir: str, *, num_merges: int = 2000, model_max_length: int = 77) -> CLIPTokenizer:
     """Learn up to ``num_merges`` BPE merges from ``corpus`` and save a CLIP tokenizer to ``out_dir``."""
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    # Split like CLIP (words, punctuation), then map bytes to symbols without GPT-2's space marker.
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     base = list(_byte_symbols())
-    trainer = trainers.BpeTrainer(
-        vocab_size=2 * len(base) + num_merges,
-        end_of_word_suffix="</w>",
-        initial_alphabet=base,
-        show_progress=False,
-    )
-    bpe.train_from_iterator((text.lower() for text in corpus), trainer)
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    merges = learn_merges(corpus, num_merges)
 
     vocab = base + [s + "</w>" for s in base]
     known = set(vocab)
-    for a, b in merges[:num_merges]:
+    for a, b in merges:
         if a + b not in known:
             vocab.append(a + b)
             known.add(a + b)
@@ -60,7 +92,7 @@ def build_clip_tokenizer(corpus: Iterable[str], out_dir: str, *, num_merges: int
     with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump({token: i for i, token in enumerate(vocab)}, f, ensure_ascii=False)
     with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges[:num_merges]))
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     tokenizer = CLIPTokenizer.from_pretrained(out_dir, model_max_length=model_max_length, pad_token=END)
     tokenizer.save_pretrained(out_dir)
     return tokenizer

@@ -630,8 +630,8 @@ def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def _paste(canvas: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, left: int, top: int, outline: Colour) -> None:
-    """Composite an object layer (with its outline) onto the canvas, clipped to the frame."""
+def _paste(canvas: np.ndarray, mask: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, left: int, top: int, outline: Colour) -> None:
+    """Composite an object layer (with its outline) onto the canvas, clipped to the frame; mark it in ``mask``."""
     h, w = alpha.shape
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(top + h, canvas.shape[0]), min(left + w, canvas.shape[1])
@@ -640,8 +640,10 @@ def _paste(canvas: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, left: int, to
     sl = (slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
     region = canvas[y0:y1, x0:x1]
     a = alpha[sl]
-    region[_dilate(alpha, _OUTLINE)[sl] & ~a] = outline
+    covered = _dilate(alpha, _OUTLINE)[sl]
+    region[covered & ~a] = outline
     region[a] = rgb[sl][a]
+    mask[y0:y1, x0:x1] |= covered
 
 
 @functools.lru_cache(maxsize=None)
@@ -670,10 +672,11 @@ def _layout(spec: SceneSpec, size_jitter: float, dx: float, dy: float) -> list[t
 
 def render(spec: SceneSpec, seed: int) -> Image.Image:
     """Render ``spec`` as a 64x64 RGB image; the seed jitters only what captions never state."""
-    return Image.fromarray(_render_array(spec, seed))
+    return Image.fromarray(_render_array(spec, seed)[0])
 
 
-def _render_array(spec: SceneSpec, seed: int) -> np.ndarray:
+def _render_array(spec: SceneSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The image (uint8 HxWx3) and where the objects are (bool HxW, outlines included)."""
     rng = np.random.default_rng(seed)
     bg = _background(spec.scene, spec.background)
     oy = int(rng.integers(0, bg.shape[0] - _HI + 1))
@@ -682,23 +685,35 @@ def _render_array(spec: SceneSpec, seed: int) -> np.ndarray:
     size_jitter = rng.uniform(0.95, 1.05)
     dx, dy = rng.uniform(-2.0, 2.0), rng.uniform(-1.5, 1.5)
     outline = _OUTLINE_ON_DARK if spec.background == "black" else _DARK
+    mask = np.zeros(canvas.shape[:2], bool)
     for cx, ground, scale in _layout(spec, size_jitter, dx, dy):
         rgb, alpha, ox_, oy_ = _object_layer(spec.instance, spec.colour, spec.accessory, scale * SUPERSAMPLE)
-        _paste(canvas, rgb, alpha, round(cx * SUPERSAMPLE - ox_), round(ground * SUPERSAMPLE - oy_), outline)
+        _paste(canvas, mask, rgb, alpha, round(cx * SUPERSAMPLE - ox_), round(ground * SUPERSAMPLE - oy_), outline)
     small = np.asarray(Image.fromarray(canvas).reduce(SUPERSAMPLE), np.float32)
     gain = rng.uniform(0.95, 1.05)
     noise = rng.normal(0.0, 2.5, small.shape).astype(np.float32)
-    return np.clip(small * gain + noise, 0, 255).astype(np.uint8)
+    small_mask = mask.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE).any(axis=(1, 3))
+    return np.clip(small * gain + noise, 0, 255).astype(np.uint8), small_mask
 
 
 def render_batch(specs: Sequence[SceneSpec], seeds: Sequence[int]) -> np.ndarray:
     """Render many specs: uint8 array of shape (N, 64, 64, 3)."""
+    return render_batch_with_masks(specs, seeds)[0]
+
+
+def render_batch_with_masks(specs: Sequence[SceneSpec], seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Images (uint8, N x 64 x 64 x 3) and object masks (bool, N x 64 x 64).
+
+    The masks are ground truth a training recipe may use, e.g. to weight a loss towards the
+    objects, which cover a few percent of each image but carry class and identity.
+    """
     if len(specs) != len(seeds):
         raise ValueError("specs and seeds differ in length")
-    out = np.empty((len(specs), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    images = np.empty((len(specs), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    masks = np.empty((len(specs), IMAGE_SIZE, IMAGE_SIZE), bool)
     for i, (spec, seed) in enumerate(zip(specs, seeds)):
-        out[i] = _render_array(spec, int(seed))
-    return out
+        images[i], masks[i] = _render_array(spec, int(seed))
+    return images, masks
 
 
 # --------------------------------------------------------------------------- captions

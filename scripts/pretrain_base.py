@@ -55,6 +55,8 @@ class PretrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    vae_decoder_steps: int = 0  # with --init-from: fine-tune only the decoder (latents, hence the UNet, stay valid)
+    object_weight: float = 4.0  # loss weight of object pixels is 1 + this (objects cover ~13% of an image)
     # text encoder + UNet
     steps: int = 4000
     batch: int = 32
@@ -142,16 +144,43 @@ def noise_scheduler() -> DDPMScheduler:
 # --------------------------------------------------------------------------- data
 
 
-def render_pool(cfg: PretrainConfig) -> tuple[torch.Tensor, list[world.SceneSpec]]:
-    """Images (uint8, N x 3 x 64 x 64) of pretraining instances in training combinations only."""
-    images, specs = [], []
+@dataclass
+class Pool:
+    """Pre-rendered training images (uint8, N x 3 x 64 x 64), their specs and object masks (bool, N x 64 x 64)."""
+
+    images: torch.Tensor
+    specs: list[world.SceneSpec]
+    masks: torch.Tensor
+
+    def loss_weights(self, idx: np.ndarray, cfg: PretrainConfig, size: int) -> torch.Tensor:
+        """Per-pixel loss weights at ``size`` x ``size``: 1 on background, 1 + object_weight on objects.
+
+        Objects are small, so an unweighted loss is mostly about backgrounds; weighting them is
+        what makes class and identity learnable in a CPU budget (measured, see the model card).
+        """
+        m = self.masks[idx].float().unsqueeze(1)
+        m = F.adaptive_max_pool2d(m, size) if size != m.shape[-1] else m
+        return 1.0 + cfg.object_weight * m
+
+
+def render_pool(cfg: PretrainConfig) -> Pool:
+    """Pretraining instances in training combinations only (the same draws as ``world.sample_dataset``)."""
+    images, specs, masks = [], [], []
     chunk = 2000
     for start in tqdm(range(0, cfg.pool_size, chunk), desc="rendering world", unit="chunk"):
         n = min(chunk, cfg.pool_size - start)
-        im, sp, _ = world.sample_dataset(n, seed=cfg.seed * 1_000_003 + start, instances="pretrain", combos="train")
+        rng = np.random.default_rng(cfg.seed * 1_000_003 + start)
+        sp = [world.sample_spec(rng, instances="pretrain", combos="train") for _ in range(n)]
+        im, m = world.render_batch_with_masks(sp, rng.integers(0, 2**62, size=n))
         images.append(torch.from_numpy(im).permute(0, 3, 1, 2).contiguous())
+        masks.append(torch.from_numpy(m))
         specs += sp
-    return torch.cat(images), specs
+    return Pool(torch.cat(images), specs, torch.cat(masks))
+
+
+def weighted_mean(err: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    weights = weights.expand_as(err)
+    return (err * weights).sum() / weights.sum()
 
 
 def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -177,36 +206,48 @@ def lr_lambda(cfg: PretrainConfig, total: int):
     return f
 
 
-def train_vae(cfg: PretrainConfig, accel: Accelerator, pool: torch.Tensor, out: Path) -> AutoencoderKL:
-    """Reconstruction (MSE + L1) with a tiny KL term; then the latent scale is measured and stored.
+def train_vae(cfg: PretrainConfig, accel: Accelerator, pool: Pool, out: Path) -> AutoencoderKL:
+    """Reconstruction (object-weighted MSE + L1) with a tiny KL term; the latent scale is measured and stored.
 
     The VAE is small and quick, so the main process trains it alone and the others load it.
-    Asking for more ``--vae-steps`` than a saved VAE has seen continues training it.
+    Asking for more ``--vae-steps`` than a saved VAE has seen continues training it. With
+    ``--init-from``, the given VAE is kept, and ``--vae-decoder-steps`` fine-tunes its decoder only:
+    the encoder, hence the latents the UNet was trained on, stay exactly as they were.
     """
-    if cfg.init_from:
-        return AutoencoderKL.from_pretrained(Path(cfg.init_from) / "vae").float().to(accel.device).eval()
     vae_dir = out / "vae"
     done = json.loads((out / "vae_metrics.json").read_text())["steps"] if (out / "vae_metrics.json").is_file() else 0
-    if accel.is_main_process and done < cfg.vae_steps:
-        _fit_vae(cfg, pool, out, accel.device, done)
+    if accel.is_main_process:
+        if cfg.init_from and not vae_dir.is_dir():
+            AutoencoderKL.from_pretrained(Path(cfg.init_from) / "vae").float().save_pretrained(vae_dir)
+        total = cfg.vae_decoder_steps if cfg.init_from else cfg.vae_steps
+        if done < total:
+            _fit_vae(cfg, pool, out, accel.device, done, total, decoder_only=bool(cfg.init_from))
     accel.wait_for_everyone()
     return AutoencoderKL.from_pretrained(vae_dir).to(accel.device).eval()
 
 
-def _fit_vae(cfg: PretrainConfig, pool: torch.Tensor, out: Path, device, start: int) -> None:
+def _fit_vae(cfg: PretrainConfig, pool: Pool, out: Path, device, start: int, total: int, decoder_only: bool) -> None:
     torch.manual_seed(cfg.seed + start)
-    vae = (AutoencoderKL.from_pretrained(out / "vae") if start else build_vae(cfg)).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.vae_steps))
+    vae = (AutoencoderKL.from_pretrained(out / "vae") if (start or decoder_only) else build_vae(cfg)).to(device)
+    if decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     for _ in range(start):
         sched.step()
     rng = np.random.default_rng([cfg.seed, 7, start])
-    bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae")
+    bar = tqdm(range(start, total), initial=start, total=total, desc="vae decoder" if decoder_only else "vae")
     for _ in bar:
-        x = to_unit(pool[rng.integers(0, len(pool), cfg.vae_batch)]).to(device)
-        posterior = vae.encode(x).latent_dist
+        idx = rng.integers(0, len(pool.images), cfg.vae_batch)
+        x = to_unit(pool.images[idx]).to(device)
+        with torch.set_grad_enabled(not decoder_only):
+            posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
+        err = (recon - x).pow(2) + 0.5 * (recon - x).abs()
+        loss = weighted_mean(err, pool.loss_weights(idx, cfg, world.IMAGE_SIZE).to(device))
+        if not decoder_only:
+            loss = loss + cfg.vae_kl_weight * posterior.kl().mean()
         loss.backward()
         opt.step()
         sched.step()
@@ -214,15 +255,27 @@ def _fit_vae(cfg: PretrainConfig, pool: torch.Tensor, out: Path, device, start: 
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
     with torch.no_grad():
-        sample = to_unit(pool[:1024]).to(device)
+        sample = to_unit(pool.images[:1024]).to(device)
         latents = torch.cat([vae.encode(sample[i : i + 256]).latent_dist.mean for i in range(0, len(sample), 256)])
-        recon = torch.cat([vae.decode(latents[i : i + 256]).sample for i in range(0, len(latents), 256)])
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    psnr = float(-10 * torch.log10(F.mse_loss(recon.clamp(-1, 1), sample) / 4))
-    print(f"vae: reconstruction PSNR {psnr:.1f} dB, latent std {latents.std():.3f}")
+        recon = torch.cat([vae.decode(latents[i : i + 256]).sample for i in range(0, len(latents), 256)]).clamp(-1, 1)
+    if not decoder_only:
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    psnr = float(-10 * torch.log10(F.mse_loss(recon, sample) / 4))
+    read_back = reconstruction_read_back(recon, pool.specs[:1024])
+    print(f"vae: reconstruction PSNR {psnr:.1f} dB, latent std {latents.std():.3f}, evaluator on reconstructions {read_back}")
     vae.save_pretrained(out / "vae")
-    metrics = {"steps": cfg.vae_steps, "psnr_db": psnr, "scaling_factor": vae.config.scaling_factor}
+    metrics = {"steps": total, "decoder_only": decoder_only, "psnr_db": psnr, "scaling_factor": vae.config.scaling_factor, "read_back": read_back}
     (out / "vae_metrics.json").write_text(json.dumps(metrics))
+
+
+def reconstruction_read_back(recon: torch.Tensor, specs: list[world.SceneSpec]) -> dict[str, float]:
+    """What the evaluator still reads on reconstructions: the ceiling the VAE puts on the whole model."""
+    from gen.evaluator import load_evaluator, read_attributes
+
+    images = recon.add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    read = read_attributes(load_evaluator(), images)
+    truth = [world.spec_attributes(s) for s in specs]
+    return {k: round(float(np.mean([r[k] == t[k] for r, t in zip(read, truth)])), 3) for k in ("class", "position", "count", "object_colour", "accessory")}
 
 
 @torch.no_grad()
@@ -271,7 +324,7 @@ def save_samples(pipe: StableDiffusionPipeline, path: Path, step: int) -> None:
     make_grid(rows, row_labels=SAMPLE_PROMPTS, title=f"step {step}").save(path)
 
 
-def train_diffusion(cfg: PretrainConfig, accel: Accelerator, vae: AutoencoderKL, pool: torch.Tensor, specs, out: Path) -> StableDiffusionPipeline:
+def train_diffusion(cfg: PretrainConfig, accel: Accelerator, vae: AutoencoderKL, pool: Pool, out: Path) -> StableDiffusionPipeline:
     torch.manual_seed(cfg.seed + 1)
     if cfg.init_from:
         init = Path(cfg.init_from)
@@ -298,16 +351,16 @@ def train_diffusion(cfg: PretrainConfig, accel: Accelerator, vae: AutoencoderKL,
         start = json.loads((ckpt / "step.json").read_text())["step"]
         accel.print(f"resumed from step {start}")
 
-    means, stds = encode_pool(vae, pool, accel.device)
+    means, stds = encode_pool(vae, pool.images, accel.device)
     noise = noise_scheduler()
     alphas = noise.alphas_cumprod.to(accel.device)
     log = []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="unet+text", disable=not accel.is_main_process)
     t0 = time.time()
     for step in bar:
-        idx = batch_indices(cfg, step, accel, len(pool), cfg.batch)
+        idx = batch_indices(cfg, step, accel, len(pool.images), cfg.batch)
         rng = np.random.default_rng([cfg.seed, step, accel.process_index, 1])
-        captions = ["" if rng.random() < cfg.caption_dropout else world.caption(specs[i], rng) for i in idx]
+        captions = ["" if rng.random() < cfg.caption_dropout else world.caption(pool.specs[i], rng) for i in idx]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(accel.device)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         x0 = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)
@@ -321,7 +374,8 @@ def train_diffusion(cfg: PretrainConfig, accel: Accelerator, vae: AutoencoderKL,
         with accel.accumulate(unet):
             cond = text_encoder(ids)[0]
             pred = unet(noisy, t, cond).sample
-            loss = F.mse_loss(pred.float(), target.float())
+            weights = pool.loss_weights(idx, cfg, x0.shape[-1]).to(accel.device)
+            loss = weighted_mean((pred.float() - target.float()).pow(2), weights)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step}; last good checkpoint is in {ckpt}")
             accel.backward(loss)
@@ -404,9 +458,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    pool, specs = render_pool(cfg)
+    pool = render_pool(cfg)
     vae = train_vae(cfg, accel, pool, out)
-    pipe = train_diffusion(cfg, accel, vae, pool, specs, out)
+    pipe = train_diffusion(cfg, accel, vae, pool, out)
     if accel.is_main_process:
         final = save_base(pipe, cfg, out, argv)
         print(f"saved {final}")

@@ -51,3 +51,20 @@ def test_user_errors_print_one_line_and_no_traceback(tiny_sd_dir, tmp_path):
         assert "Traceback" not in run.stderr
         errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], run.stderr
+
+
+def test_quickstart_personalizes_a_sample_subject_and_saves_a_before_after_grid(tiny_sd_dir, tmp_path):
+    out_dir = tmp_path / "quick"
+    run = bespoke(
+        "quickstart", "--base", tiny_sd_dir, "--subject", "mug-2", "--preset", "quick", "--train-steps", "2", "--registry", str(tmp_path / "reg"),
+        "--out", str(out_dir), home=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "trained quickstart/mug_2 v1" in run.stdout
+    grid = Image.open(out_dir / "before_after.png")
+    assert grid.width > 4 * 128 and grid.height > 5 * 128  # photos row + 4 prompts, 4 columns
+
+
+def test_quickstart_names_an_unknown_subject(tmp_path):
+    run = bespoke("quickstart", "--subject", "dragon-1", home=tmp_path)
+    assert run.returncode == 2 and "unknown sample subject 'dragon-1'" in run.stderr and "Traceback" not in run.stderr

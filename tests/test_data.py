@@ -45,17 +45,17 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_every_mode_becomes_rgb(tmp_path):
-    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red -> white
+    rgba = Image.new("RGBA", (16, 16), (255, 0, 0, 0))  # fully transparent red -> white
     assert _rgb(_save(rgba, tmp_path / "rgba.png")) == (255, 255, 255)
-    assert _rgb(_save(Image.new("LA", (8, 8), (0, 255)), tmp_path / "la.png")) == (0, 0, 0)
-    palette = Image.new("P", (8, 8), 0)
+    assert _rgb(_save(Image.new("LA", (16, 16), (0, 255)), tmp_path / "la.png")) == (0, 0, 0)
+    palette = Image.new("P", (16, 16), 0)
     palette.putpalette([10, 20, 30] + [0] * 765)
     palette.info["transparency"] = 0
     assert _rgb(_save(palette, tmp_path / "p.png", transparency=0)) == (255, 255, 255)
-    assert _rgb(_save(Image.new("L", (8, 8), 128), tmp_path / "gray.png")) == (128, 128, 128)
-    cmyk = _rgb(_save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), tmp_path / "cmyk.jpg", quality=100))
+    assert _rgb(_save(Image.new("L", (16, 16), 128), tmp_path / "gray.png")) == (128, 128, 128)
+    cmyk = _rgb(_save(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), tmp_path / "cmyk.jpg", quality=100))
     assert cmyk[0] > 230 and cmyk[1] < 30 and cmyk[2] < 30
-    sixteen = Image.fromarray(np.full((8, 8), 65535, np.uint16))
+    sixteen = Image.fromarray(np.full((16, 16), 65535, np.uint16))
     assert _rgb(_save(sixteen, tmp_path / "deep.png")) == (255, 255, 255)
 
 
@@ -100,7 +100,7 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path):
 def test_image_count_is_bounded(tmp_path):
     with pytest.raises(InvalidImages, match="found 0 images"):
         load_images(tmp_path)
-    images = [Image.new("RGB", (4, 4), (i, 0, 0)) for i in range(4)]
+    images = [Image.new("RGB", (16, 16), (i, 0, 0)) for i in range(4)]
     with pytest.raises(InvalidImages, match="found 4 images; give between 1 and 3"):
         load_images(images, ImageLimits(max_images=3))
     assert [im.name for im in load_images(images[:2])] == ["image 1", "image 2"]

@@ -22,3 +22,22 @@ def test_saved_tokenizer_reloads_identically(tmp_path):
     again = CLIPTokenizer.from_pretrained(str(tmp_path))
     text = "a red mug and a sks dog"
     assert tok(text).input_ids == again(text).input_ids
+
+
+def test_the_same_corpus_gives_the_same_vocabulary_in_every_process(tmp_path):
+    """tokenizers' BPE trainer broke frequency ties differently per process; ours must not."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, sys; from gen.tokenizer import build_clip_tokenizer; "
+        "build_clip_tokenizer(['a red mug', 'a blue car', 'two red birds', 'a mug on grass'] * 3, sys.argv[1], num_merges=40); "
+        "print(hashlib.sha256(open(sys.argv[1] + '/merges.txt', 'rb').read()).hexdigest())"
+    )
+    digests = {
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / str(seed))], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+        for seed in (1, 2, 3)
+    }
+    assert len(digests) == 1

@@ -260,7 +260,9 @@ def test_bench_quick_writes_the_expected_json(tiny_sd_dir, tmp_path):
 
 
 def test_fidelity_metrics_rate_real_renders_as_faithful():
-    from adapters.fidelity import evaluation_prompt, evaluation_specs, prompt_fidelity, stated_attributes, subject_fidelity, world_captions
+    from adapters.fidelity import world_captions
+    from gen.benchmark import evaluation_prompt, evaluation_specs
+    from gen.evaluate import prompt_fidelity, stated_attributes, subject_fidelity
     from adapters.samples import sample_subject_images, subject_instance, subject_specs
     from gen import world
     from gen.evaluator import load_evaluator

@@ -22,12 +22,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from adapters.formats import encode_adapter, read_adapter, write_adapter
 from adapters.registry.blobs import BlobStore, LocalBlobStore, sha256_hex
-from adapters.registry.errors import DamagedAdapter, NotFound, RegistryError
+from adapters.registry.errors import DamagedAdapter, NotFound, RegistryError, StorageError
 from adapters.registry.index import Index, SqliteIndex
 from adapters.registry.maintenance import VerifyReport, verify
 from adapters.registry.names import validate_alias, validate_name
@@ -81,9 +82,12 @@ class Registry:
 
     def __init__(self, root: str | os.PathLike | None = None, *, limits: Limits = Limits(), busy_timeout_s: float = 60.0) -> None:
         self.root = Path(root).expanduser() if root is not None else default_root()
-        self.root.mkdir(parents=True, exist_ok=True)
         self.limits = limits
-        self.blobs: BlobStore = LocalBlobStore(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.blobs: BlobStore = LocalBlobStore(self.root)
+        except OSError as e:
+            raise StorageError(f"cannot create the registry folder {self.root} ({e.strerror or e})") from e
         self.index: Index = SqliteIndex(self.root / INDEX_NAME, busy_timeout_s)
 
     def for_user(self, user: str) -> UserRegistry:
@@ -107,6 +111,13 @@ class Registry:
                 for sha in shas:
                     if not tx.is_referenced(sha):
                         self.blobs.delete(sha)
+
+    def _discard(self, sha: str) -> None:
+        """Best effort: remove a blob written for a version that never committed (else ``verify`` removes it)."""
+        try:
+            self._sweep({sha})
+        except (RegistryError, OSError):
+            pass
 
     def close(self) -> None:
         self.index.close()
@@ -137,7 +148,12 @@ class UserRegistry:
         return record
 
     def get(self, concept: str, version: VersionRef = "latest") -> LoraAdapter:
-        """The adapter, tensors read from its blob (memory-mapped, not rehashed: ``verify`` does that)."""
+        """The adapter, tensors read from its blob.
+
+        A blob that cannot be parsed, or whose values are no longer finite, raises
+        :class:`DamagedAdapter`. The blob is not rehashed on every read (that would cost more than
+        the read itself for large adapters): ``verify`` does that, and quarantines what it finds.
+        """
         return self._load(self.record(concept, version))
 
     def list(self, concept: str | None = None, tag: str | None = None) -> list[AdapterRecord]:
@@ -196,22 +212,32 @@ class UserRegistry:
         aliases = tuple(dict.fromkeys(validate_alias(a) for a in aliases))
         payload = encode_adapter(adapter, {"user": self.user, "concept": concept})
         sha = sha256_hex(payload)
-        with self._index.write() as tx:
-            if info.parent_version is not None and tx.record(self.user, concept, info.parent_version) is None:
-                raise NotFound(f"parent version {info.parent_version} of {concept!r} does not exist")
-            version = tx.next_version(self.user, concept)
-            self._registry.blobs.put(sha, payload)  # durable before the record commits
-            record = AdapterRecord(
-                user=self.user, concept=concept, version=version, sha256=sha, size_bytes=len(payload), format=fmt,
-                rank=adapter.rank, alpha=float(adapter.alpha), target_modules=tuple(adapter.target_modules),
-                dtype=lora_dtype(adapter), base_fingerprint=adapter.base_fingerprint, trigger=adapter.trigger,
-                class_word=adapter.class_word, new_tokens=tuple(adapter.new_tokens),
-                training_config=info.training_config, data_fingerprints=info.data_fingerprints, metrics=info.metrics,
-                tags=info.tags, created_at=_now(), parent_version=info.parent_version,
-            )
-            tx.insert(record)
-            for alias in aliases:
-                tx.set_alias(self.user, concept, alias, version)
+        wrote_blob = False
+        try:
+            with self._index.write() as tx:
+                if info.parent_version is not None and tx.record(self.user, concept, info.parent_version) is None:
+                    raise NotFound(f"parent version {info.parent_version} of {concept!r} does not exist")
+                version = tx.next_version(self.user, concept)
+                wrote_blob = not self._registry.blobs.exists(sha)
+                try:
+                    self._registry.blobs.put(sha, payload)  # durable before the record commits
+                except OSError as e:
+                    raise StorageError(f"cannot store {concept!r}: writing its blob failed ({e.strerror or e}); nothing was stored") from e
+                record = AdapterRecord(
+                    user=self.user, concept=concept, version=version, sha256=sha, size_bytes=len(payload), format=fmt,
+                    rank=adapter.rank, alpha=float(adapter.alpha), target_modules=tuple(adapter.target_modules),
+                    dtype=lora_dtype(adapter), base_fingerprint=adapter.base_fingerprint, trigger=adapter.trigger,
+                    class_word=adapter.class_word, new_tokens=tuple(adapter.new_tokens),
+                    training_config=info.training_config, data_fingerprints=info.data_fingerprints, metrics=info.metrics,
+                    tags=info.tags, created_at=_now(), parent_version=info.parent_version,
+                )
+                tx.insert(record)
+                for alias in aliases:
+                    tx.set_alias(self.user, concept, alias, version)
+        except Exception:  # rolled back (a full disk at commit, say): the new blob would be an orphan
+            if wrote_blob:
+                self._registry._discard(sha)
+            raise
         return replace(record, aliases=("latest", *sorted(aliases)))
 
     def set_alias(self, concept: str, alias: str, version: VersionRef) -> AdapterRecord:
@@ -288,7 +314,10 @@ class UserRegistry:
     def export(self, concept: str, out: str | os.PathLike, fmt: str = "diffusers", version: VersionRef = "latest") -> Path:
         """Write a version as diffusers (folder), peft (folder) or kohya (``.safetensors`` file); returns the path."""
         record = self.record(concept, version)
-        return write_adapter(self._load(record), out, fmt, record.export_fields())
+        try:
+            return write_adapter(self._load(record), out, fmt, record.export_fields())
+        except OSError as e:
+            raise StorageError(f"cannot export {concept!r} v{record.version} to {os.fspath(out)} ({e.strerror or e})") from e
 
     # --- internals ---
 
@@ -299,6 +328,10 @@ class UserRegistry:
             tensors = load_file(self._registry.blobs.path(record.sha256))
         except (OSError, SafetensorError) as e:
             raise DamagedAdapter(f"cannot read the blob of {record.concept!r} v{record.version} ({e}); run `bespoke registry verify`") from e
+        # One summing pass (no temporaries): NaN and infinity survive a sum, and LoRA weights never overflow it.
+        bad = next((k for k, t in tensors.items() if not bool(torch.isfinite(t.sum(dtype=torch.float32)))), None)
+        if bad is not None:  # validated finite when stored, so the blob changed since
+            raise DamagedAdapter(f"the blob of {record.concept!r} v{record.version} holds NaN or infinite values ({bad}); it is damaged: run `bespoke registry verify`")
         embeddings = {k[len(EMBEDDING_PREFIX):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(EMBEDDING_PREFIX)]}
         return LoraAdapter(
             tensors=tensors, rank=record.rank, alpha=record.alpha, target_modules=record.target_modules,

@@ -21,3 +21,14 @@ class NotFound(RegistryError):
 
 class DamagedAdapter(RegistryError):
     """A record whose blob failed verification and was quarantined."""
+
+
+class RegistryBusy(RegistryError):
+    """Another process held the index's lock for longer than the busy timeout; nothing was changed, retry later."""
+
+
+class StorageError(RegistryError, OSError):
+    """The registry's storage refused a read or write (read-only, no permission, disk full); nothing was changed.
+
+    Also an :class:`OSError`, so callers that handle storage failures generically still catch it.
+    """

@@ -10,6 +10,11 @@ queue instead of failing, ``synchronous=FULL`` so a committed version survives p
 every write in a ``BEGIN IMMEDIATE`` transaction, which takes the write lock up front: version
 numbers are assigned under it (a counter row per concept, never reused after deletion), and
 ``(user, concept, version)`` is the primary key besides.
+
+SQLite's operational failures become registry errors naming the cause: a lock held past the busy
+timeout is :class:`RegistryBusy`; a read-only or unwritable index, a full disk or an unopenable
+file is :class:`StorageError`. A failed write transaction is rolled back, so nothing half-written
+stays behind.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
+from adapters.registry.errors import RegistryBusy, StorageError
 from adapters.registry.records import AdapterRecord
 
 SCHEMA_VERSION = 1
@@ -229,40 +235,68 @@ class _SqliteTxn(_Queries):
         return [_record(r) for r in self._conn.execute(_SELECT + " ORDER BY v.user, v.concept, v.version")]
 
 
+def registry_error(e: sqlite3.OperationalError, path: Path, busy_timeout_s: float) -> RegistryBusy | StorageError | None:
+    """The registry error an operational SQLite failure stands for, or None for anything else (a bug)."""
+    code = getattr(e, "sqlite_errorcode", -1) & 0xFF  # the primary code; extended codes add high bits
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return RegistryBusy(f"the registry index {path} is locked by another process (waited {busy_timeout_s:g} s); nothing was changed, try again")
+    if code == sqlite3.SQLITE_READONLY:
+        return StorageError(f"the registry index {path} is read-only ({e}); writing needs a writable registry folder")
+    if code == sqlite3.SQLITE_FULL:
+        return StorageError(f"the disk holding the registry index {path} is full ({e}); nothing was stored")
+    if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+        return StorageError(f"cannot use the registry index {path} ({e})")
+    return None
+
+
 class SqliteIndex(_Queries):
     """The index in one SQLite file; one connection per instance, safe to share between threads."""
 
     def __init__(self, path: str | Path, busy_timeout_s: float = 60.0) -> None:
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = FULL")
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        if self._conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+        self._path, self._busy_timeout_s = Path(path), busy_timeout_s
+        with self._translated():
+            self._conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = FULL")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            schema_version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if schema_version < SCHEMA_VERSION:
             with self.write():  # IF NOT EXISTS: a second process creating it at the same time is harmless
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self._conn.execute(statement)
                 self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Raise SQLite's operational failures as registry errors (see the module docstring)."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            error = registry_error(e, self._path, self._busy_timeout_s)
+            if error is None:
+                raise
+            raise error from e
+
     # Reads take the lock only to keep one connection safe across threads; SQLite runs each
     # statement on a consistent snapshot, and WAL lets them proceed while another process writes.
     def record(self, user: str, concept: str, ref: int | str) -> AdapterRecord | None:
-        with self._lock:
+        with self._lock, self._translated():
             return super().record(user, concept, ref)
 
     def records(self, user: str, concept: str | None = None, tag: str | None = None) -> list[AdapterRecord]:
-        with self._lock:
+        with self._lock, self._translated():
             return super().records(user, concept, tag)
 
     def concepts(self, user: str) -> list[str]:
-        with self._lock:
+        with self._lock, self._translated():
             return super().concepts(user)
 
     @contextmanager
     def write(self) -> Iterator[_SqliteTxn]:
-        with self._lock:
+        with self._lock, self._translated():
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield _SqliteTxn(self._conn)

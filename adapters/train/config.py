@@ -16,6 +16,7 @@ flags shared by ``bespoke train`` and ``scripts/train_lora.py`` (see :func:`add_
 from __future__ import annotations
 
 import argparse
+import math
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -163,6 +164,9 @@ def _check(cfg: TrainConfig, base) -> None:
         if not ok:
             raise InvalidRequest(message)
 
+    for f in fields(cfg):  # NaN slips through every comparison below, and inf makes NaN one step later
+        value = getattr(cfg, f.name)
+        need(not isinstance(value, float) or math.isfinite(value), f"{f.name} must be a finite number, got {value}")
     need(1 <= cfg.rank <= 1024, f"rank must be between 1 and 1024, got {cfg.rank}")
     need(cfg.alpha > 0, f"alpha must be positive, got {cfg.alpha}")
     need(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1), got {cfg.dropout}")

@@ -238,7 +238,8 @@ def _validate(view: Base, lora: Attachment, jobs: Sequence[PreparedJob], cfg: Tr
     lora.train(False)
     sampler = Sampler(view)
     for k, job in enumerate(jobs):
-        prompt = fill(cfg.validation_prompt or job.examples[0].caption, "validation_prompt", trigger=job.trigger, class_word=job.job.class_word)
+        caption = job.examples[0].caption  # already filled: a class word like "{x}" must not be read as a placeholder
+        prompt = fill(cfg.validation_prompt, "validation_prompt", trigger=job.trigger, class_word=job.job.class_word) if cfg.validation_prompt else caption
         with lora.using(k), accelerator.autocast():
             images = sampler.generate(prompt, num_images=cfg.num_validation_images, seed=cfg.seed).images
         callback(Validation(step, job.job.user, job.job.concept, prompt, images))

@@ -1,0 +1,431 @@
+"""What the demo does, free of Gradio: personalize, generate, manage concepts, read diagnostics.
+
+The Gradio app (:mod:`demo.app`) is a page over this class; every method takes the *user* first,
+and that user always comes from the login (never from a form field), so every registry call goes
+through ``registry.for_user(user)`` and one user can neither see nor use another's concepts.
+
+Two base instances: one warm for sampling (the sampler packs users' adapters into LoRA slots on it
+and grows its tokenizer with placeholder tokens), and one for training, loaded on first use.
+Training borrows its base and injects LoRA layers while it runs; on a separate instance it can
+never leak into someone's generation, and generation never waits for training.
+
+Everything the app writes goes under ``outputs`` (``users/<user>/generate|train|exports/<run>``,
+``samples/``); only files the app wrote are ever returned to the page, named by the app.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from adapters.fidelity import FidelitySettings, world_captions, world_evaluator_applies, world_fidelity_hook
+from adapters.registry import AdapterRecord, Registry, UserRegistry
+from adapters.registry.names import validate_name
+from adapters.samples import SAMPLE_SUBJECTS, sample_subject_images, subject_instance
+from adapters.train.config import PRESET_NAMES, resolve_config
+from adapters.validate import check_text
+from demo.jobs import JobStatus, Reporter, TrainingJobs
+from demo.uploads import UploadLimits, check_uploads
+from gen import world
+from gen.base import Base
+from gen.concepts import check_known, parse_mentions, substitute
+from gen.errors import BespokeError, InvalidRequest
+from gen.provenance import save_png
+from gen.sampler import SCHEDULERS, Request, Sampler
+from gen.serving import ServingConfig
+
+LOCAL_USER = "local"
+EXPORT_FORMATS = ("diffusers", "peft", "kohya")
+MAX_TRAIN_STEPS = 5000
+FIDELITY_KEYS = (
+    "subject_fidelity", "subject_fidelity_above_class", "prompt_fidelity", "prompt_fidelity/recontext",
+    "prompt_fidelity/position", "prompt_fidelity/accessory", "prompt_fidelity/colour",
+    "prior_drift_class_accuracy", "prior_drift_identity",
+)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """How the demo runs; the defaults suit a person trying it on a laptop."""
+
+    outputs: Path = Path("outputs/demo")
+    registry: Path | None = None  # None: the registry's default root
+    auth: bool = False  # True: users log in, and each sees only their own concepts
+    limits: UploadLimits = field(default_factory=UploadLimits)
+    train_options: Mapping[str, Any] = field(default_factory=dict)  # TrainConfig overrides for every job
+    fidelity: FidelitySettings = field(default_factory=FidelitySettings)
+    validation_rounds: int = 4  # validation image sets per training run
+    validation_images: int = 4
+    sample_photos: int = 4
+    max_images: int = 8  # per generate request
+    max_steps: int = 150  # denoising steps per generate request
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """One personalization, validated and ready for the trainer thread."""
+
+    user: str
+    concept: str
+    class_word: str
+    preset: str
+    images: tuple[Image.Image, ...]
+    steps: int | None
+    evaluate: bool
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """Saved PNGs (provenance inside) and a caption for each, plus everything to download."""
+
+    personalized: list[tuple[str, str]]
+    base: list[tuple[str, str]]
+    files: list[str]
+    seed: int
+    prompt: str
+    base_prompt: str | None
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """What the Diagnostics tab shows for one adapter version."""
+
+    record: AdapterRecord
+    metrics: list[tuple[str, float]]
+    loss: list[tuple[int, float]]
+    fidelity: list[tuple[str, float]]
+    layers: list[tuple[str, float]]  # per targeted layer: ||delta W|| / ||W|| (adapters.diagnostics)
+    notes: list[str]  # the diagnostics' warnings first
+
+
+class DemoService:
+    """The demo's operations over one warm base, one registry and one outputs folder."""
+
+    def __init__(self, load_base: Callable[[], Base], settings: DemoSettings = DemoSettings()):
+        self.settings = settings
+        self.outputs = Path(settings.outputs).expanduser().resolve()
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        self._load_base = load_base
+        self.base = load_base()
+        self.registry = Registry(settings.registry)
+        # latest_ttl_s=0: a version trained, rolled back or deleted a moment ago is what the next request sees.
+        self.sampler = Sampler(self.base, adapters=self.registry, config=ServingConfig(latest_ttl_s=0.0))
+        self.world_base = world_evaluator_applies(self.base, world.CLASS_WORDS[world.CLASSES[0]])
+        self._train_base: Base | None = None
+        self._train_base_lock = threading.Lock()
+        self.jobs = TrainingJobs(self._train)
+
+    # --- users and folders ---
+
+    def user_of(self, username: str | None) -> str:
+        """The user a request acts for: the logged-in name with auth, else the one local user."""
+        if not self.settings.auth:
+            return LOCAL_USER
+        if not username:
+            raise InvalidRequest("please log in")
+        return validate_name("user", username)
+
+    def handle(self, user: str) -> UserRegistry:
+        return self.registry.for_user(user)
+
+    def _run_dir(self, user: str, kind: str) -> Path:
+        """A fresh folder for one run; its name is random, so URLs to its files cannot be guessed."""
+        folder = self.outputs / "users" / validate_name("user", user) / kind / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        return folder
+
+    # --- personalize ---
+
+    def sample_photos(self, subject: str, n: int | None = None) -> list[Image.Image]:
+        """The 'photos' of a sample subject (a held-out instance of the built-in world)."""
+        try:
+            return sample_subject_images(subject, int(n or self.settings.sample_photos))
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+
+    def sample_preview(self, subject: str, n: int | None = None) -> list[str]:
+        """The sample photos saved once under ``outputs/samples`` (they are the same for everyone)."""
+        instance = subject_instance(subject) if subject in SAMPLE_SUBJECTS else None
+        if instance is None:
+            raise InvalidRequest(f"unknown sample subject {subject!r}")
+        n = self._photo_count(n)
+        folder = self.outputs / "samples" / f"{instance.cls}-{instance.idx}"
+        paths = [folder / f"{i}.png" for i in range(n)]
+        if not all(p.is_file() for p in paths):
+            folder.mkdir(parents=True, exist_ok=True)
+            for path, image in zip(paths, self.sample_photos(subject, n)):
+                tmp = path.with_suffix(".tmp")
+                image.save(tmp, format="PNG")
+                tmp.replace(path)
+        return [str(p) for p in paths]
+
+    def _photo_count(self, n: int | float | None) -> int:
+        limits = self.settings.limits
+        n = self.settings.sample_photos if n is None else int(n)
+        if not limits.min_images <= n <= limits.max_images:
+            raise InvalidRequest(f"give between {limits.min_images} and {limits.max_images} photos, got {n}")
+        return n
+
+    def start_training(
+        self,
+        user: str,
+        *,
+        concept: str,
+        class_word: str,
+        preset: str = "quick",
+        uploads: Sequence[str] | None = None,
+        subject: str | None = None,
+        n_photos: int | None = None,
+        steps: int | None = None,
+        evaluate: bool = True,
+        upload_root: str | None = None,
+    ) -> JobStatus:
+        """Check everything a user typed or uploaded, then queue the job (training runs in the background)."""
+        concept = validate_name("concept", (concept or "").strip())
+        class_word = (class_word or "").strip()
+        if not class_word:
+            raise InvalidRequest("give a class word: what the subject is (dog, mug, robot, ...)")
+        check_text("class word", class_word)
+        if preset not in PRESET_NAMES:
+            raise InvalidRequest(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
+        if steps is not None and not (isinstance(steps, (int, float)) and math.isfinite(steps)):
+            raise InvalidRequest("steps must be a whole number")
+        steps = int(steps) if steps else None
+        if steps is not None and not 1 <= steps <= MAX_TRAIN_STEPS:
+            raise InvalidRequest(f"steps must be between 1 and {MAX_TRAIN_STEPS} (0: the preset's), got {steps}")
+        if subject:
+            images = self.sample_photos(subject, self._photo_count(n_photos))
+        else:
+            images = [u.image for u in check_uploads(uploads or [], self.settings.limits, upload_root)]
+        request = TrainRequest(user, concept, class_word, preset, tuple(images), steps, bool(evaluate))
+        return self.jobs.submit(user, concept, request)
+
+    def train_base(self) -> Base:
+        with self._train_base_lock:
+            if self._train_base is None:
+                self._train_base = self._load_base()
+            return self._train_base
+
+    def _train(self, request: TrainRequest, reporter: Reporter) -> int:
+        """Runs in the trainer thread: caption, train with progress and validation images, register."""
+        from adapters.train import personalize  # heavy imports, paid on the first job only
+
+        reporter.phase("loading the base")
+        base = self.train_base()
+        reporter.phase("preparing")
+        photos = list(request.images)
+        applies = world_evaluator_applies(base, request.class_word)
+        captions = world_captions(photos, request.class_word) if applies else None
+        evaluate = world_fidelity_hook(base, request.class_word, photos, self.settings.fidelity) if applies and request.evaluate else None
+        reporter.check()
+        options = dict(self.settings.train_options)
+        if request.steps:
+            options["steps"] = request.steps
+        steps = resolve_config(base, request.preset, **options).steps
+        options.update(validation_every=max(1, steps // max(1, self.settings.validation_rounds)), num_validation_images=self.settings.validation_images)
+        folder = self._run_dir(request.user, "train")
+
+        def on_validation(v) -> None:
+            paths = []
+            for i, image in enumerate(v.images):
+                path = folder / f"step{v.step:06d}-{i}.png"
+                image.save(path, format="PNG")
+                paths.append(str(path))
+            reporter.validation(v.step, paths)
+
+        record = personalize(
+            base, request.user, request.concept, photos, request.class_word, captions=captions, registry=self.registry,
+            progress=reporter.progress, evaluate=evaluate, on_validation=on_validation, preset=request.preset, **options,
+        )
+        return record.version
+
+    # --- generate ---
+
+    def mention_choices(self, user: str) -> list[str]:
+        return [f"<{c}>" for c in self.handle(user).concepts()]
+
+    def base_prompt(self, user: str, prompt: str) -> str | None:
+        """The prompt with each ``<concept>`` replaced by its class word: what the base alone is asked. None without mentions."""
+        mentions = parse_mentions(prompt)
+        if not mentions:
+            return None
+        handle = self.handle(user)
+        check_known(user, mentions, handle.concepts())
+        texts = {}
+        for m in mentions:
+            record = handle.record(m.name)
+            texts[m.name] = record.class_word or m.name
+        return substitute(prompt, texts)
+
+    def generate(
+        self,
+        user: str,
+        prompt: str,
+        *,
+        negative_prompt: str | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_images: int = 1,
+        scheduler: str | None = None,
+        compare: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> GenerateResult:
+        """Generate for ``user`` (their concepts only), save PNGs with provenance; with ``compare`` also the base alone, same seeds."""
+        s = self.settings
+        num_images = int(num_images)
+        if not 1 <= num_images <= s.max_images:
+            raise InvalidRequest(f"the demo makes 1 to {s.max_images} images per request, got {num_images}")
+        if steps is not None and not 1 <= int(steps) <= s.max_steps:
+            raise InvalidRequest(f"steps must be between 1 and {s.max_steps}, got {steps}")
+        if scheduler is not None and scheduler not in SCHEDULERS:
+            raise InvalidRequest(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        seed = secrets.randbits(31) if seed is None or int(seed) < 0 else int(seed)
+        negative_prompt = negative_prompt or None
+        base_prompt = self.base_prompt(user, prompt) if compare else None
+        common = dict(negative_prompt=negative_prompt, num_images=num_images, seed=seed, steps=None if steps is None else int(steps),
+                      guidance_scale=guidance_scale, scheduler=scheduler)
+        requests = [Request(prompt, user=user, progress=progress, **common)]
+        if base_prompt is not None:
+            requests.append(Request(base_prompt, **common))
+        generations = self.sampler.generate_many(requests)  # one batch: same settings
+        folder = self._run_dir(user, "generate")
+        records, personalized, base = [], [], []
+        for kind, generation, out in zip(("image", "base"), generations, (personalized, base)):
+            for image, prov in zip(generation.images, generation.provenance):
+                path = save_png(image, prov, folder / f"{kind}-{prov.seed:010d}.png")
+                records.append({"file": path.name, **prov.to_dict()})
+                out.append((str(path), f"seed {prov.seed}" + (" (base alone)" if kind == "base" else "")))
+        sidecar = folder / "provenance.json"
+        sidecar.write_text(_json(records))
+        files = [p for p, _ in personalized] + [p for p, _ in base] + [str(sidecar)]
+        return GenerateResult(personalized, base, files, seed, generations[0].provenance[0].prompt, base_prompt)
+
+    # --- my concepts ---
+
+    def concept_rows(self, user: str) -> list[list[Any]]:
+        """One row per concept: its latest version, how many versions, aliases, what it is and how good."""
+        by_concept: dict[str, list[AdapterRecord]] = {}
+        for record in self.handle(user).list():
+            by_concept.setdefault(record.concept, []).append(record)
+        rows = []
+        for concept, records in sorted(by_concept.items()):
+            latest = max(records, key=lambda r: r.version)
+            aliases = sorted({f"{a}→v{r.version}" for r in records for a in r.aliases if a != "latest"})
+            rows.append([
+                concept, f"<{concept}>", latest.version, len(records), ", ".join(aliases), latest.class_word or "",
+                latest.trigger or "", latest.created_at[:19].replace("T", " "),
+                _metric(latest, "subject_fidelity"), _metric(latest, "prompt_fidelity"),
+            ])
+        return rows
+
+    def history_rows(self, user: str, concept: str) -> list[list[Any]]:
+        rows = []
+        for r in self.handle(user).history(concept):
+            rows.append([
+                r.version, r.created_at[:19].replace("T", " "), ", ".join(r.aliases), r.parent_version or "",
+                r.rank, _metric(r, "steps"), _metric(r, "final_loss"), _metric(r, "subject_fidelity"),
+                _metric(r, "prompt_fidelity"), r.sha256[:12], r.damaged or "",
+            ])
+        return rows
+
+    def versions(self, user: str, concept: str) -> list[str]:
+        return [str(r.version) for r in self.handle(user).history(concept)]
+
+    def set_alias(self, user: str, concept: str, alias: str, version: str) -> str:
+        record = self.handle(user).set_alias(concept, (alias or "").strip(), _version(version))
+        return f"{alias!s} now points at v{record.version} of {concept}"
+
+    def rollback(self, user: str, concept: str) -> str:
+        record = self.handle(user).rollback(concept)
+        return f"latest of {concept} is now v{record.version} (a copy of v{record.parent_version})"
+
+    def delete(self, user: str, concept: str, version: str | None, force: bool = False) -> str:
+        deleted = self.handle(user).delete(concept, None if version in (None, "", "all") else _version(version), force=force)
+        what = "the whole concept" if version in (None, "", "all") else f"v{deleted[0]}"
+        return f"deleted {what} of {concept} ({len(deleted)} version{'s' if len(deleted) != 1 else ''})"
+
+    def export(self, user: str, concept: str, version: str, fmt: str) -> str:
+        """A zip of one version in ``fmt`` (diffusers, peft or kohya), written under the user's exports."""
+        if fmt not in EXPORT_FORMATS:
+            raise InvalidRequest(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+        handle = self.handle(user)
+        record = handle.record(concept, _version(version))
+        folder = self._run_dir(user, "exports")
+        stem = _safe_stem(f"{record.concept}-v{record.version}-{fmt}")
+        staging = folder / stem
+        handle.export(concept, staging / f"{stem}.safetensors" if fmt == "kohya" else staging, fmt, record.version)
+        archive = shutil.make_archive(str(folder / stem), "zip", root_dir=staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        return archive
+
+    # --- diagnostics ---
+
+    def diagnostics(self, user: str, concept: str, version: str = "latest") -> Diagnostics:
+        """The record's metrics (fidelity, drift, loss curve) plus what the adapter's weights say about it."""
+        handle = self.handle(user)
+        record = handle.record(concept, _version(version))
+        metrics = sorted(record.metrics.items())
+        loss = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in record.metrics.items() if re.fullmatch(r"loss/step_\d+", k))
+        fidelity = [(k, record.metrics[k]) for k in FIDELITY_KEYS if k in record.metrics]
+        notes = []
+        if not fidelity:
+            notes.append("No fidelity numbers recorded: they are measured after training on the built-in base (world class words).")
+        summary, layers, warnings = _adapter_diagnostics(handle, record, self.base)
+        metrics = [(k, v) for k, v in metrics if not k.startswith("loss/")] + summary
+        return Diagnostics(record, metrics, loss, fidelity, layers, warnings + notes)
+
+    def close(self) -> None:
+        self.jobs.close()
+        self.registry.close()
+
+
+def _adapter_diagnostics(handle: UserRegistry, record: AdapterRecord, base: Base) -> tuple[list[tuple[str, float]], list[tuple[str, float]], list[str]]:
+    """(summary numbers, per-layer relative update norms, warnings) from :mod:`adapters.diagnostics`, when present.
+
+    Read from the weights alone, against the serving base's (untouched: its LoRA slots are hooks).
+    The module is optional here, so the tab still shows the record's metrics without it.
+    """
+    try:
+        from adapters.diagnostics import diagnose, short_name
+    except ImportError:
+        return [], [], []
+    try:
+        diag = diagnose(handle.get(record.concept, record.version), base)
+    except BespokeError as e:
+        return [], [], [f"adapter diagnostics unavailable: {e}"]
+    summary = [(f"weights/{k}", float(v)) for k, v in diag.summary().items() if math.isfinite(v)]
+    layers = [(short_name(layer.module), float(layer.relative_norm if layer.relative_norm is not None else layer.delta_norm)) for layer in diag.layers]
+    return summary, layers, list(diag.warnings)
+
+
+def _metric(record: AdapterRecord, name: str) -> float | str:
+    value = record.metrics.get(name)
+    return "" if value is None else round(float(value), 4)
+
+
+def _version(version: str | int | None) -> int | str:
+    if version is None or version == "":
+        return "latest"
+    text = str(version).strip().removeprefix("v")
+    return int(text) if text.isdigit() else text
+
+
+def _safe_stem(text: str) -> str:
+    return re.sub(r"[^\w.+-]", "_", text)[:100]
+
+
+def _json(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2)

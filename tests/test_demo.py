@@ -1,0 +1,334 @@
+"""The Gradio demo, driven over HTTP with gradio_client like a user's browser would: personalize on the
+built-in base, generate with the new concept, list and delete it; a second user sees and uses none of it;
+refused uploads name each file and why; the file route serves nothing outside the outputs folder."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import struct
+import time
+import zlib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from demo.auth import Users, hash_password  # noqa: E402
+from demo_support import tiny_service  # noqa: E402
+from gen.provenance import read_provenance  # noqa: E402
+
+ALICE, BOB = ("alice", "wonderland-42"), ("bob", "builder:with:colons")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from demo.app import launch
+
+    root = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_TEMP_DIR", str(root / "outputs" / ".gradio"))
+        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        service = tiny_service(root, auth=True)
+        users = Users({ALICE[0]: ALICE[1], BOB[0]: hash_password(BOB[1], iterations=1000)})
+        demo = launch(service, users=users, prevent_thread_lock=True, quiet=True)
+        try:
+            yield {"url": demo.local_url.rstrip("/"), "service": service, "root": root}
+        finally:
+            demo.close()
+            service.close()
+
+
+def client(app, who) -> Client:
+    return Client(app["url"], auth=who, verbose=False, download_files=str(app["root"] / "downloads" / who[0]))
+
+
+def wait_for_training(c: Client) -> tuple:
+    """Follow the job through the app's own watch endpoint until it finishes."""
+    deadline = time.monotonic() + 600
+    while True:
+        result = c.predict(api_name="/watch_training")
+        if any(w in result[0] for w in ("done", "failed", "cancelled")) or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
+
+
+def gallery_paths(value) -> list[str]:
+    return [item["image"] if isinstance(item["image"], str) else item["image"]["path"] for item in value]
+
+
+def test_personalize_generate_list_delete_and_isolation(app):
+    alice, bob = client(app, ALICE), client(app, BOB)
+
+    status = alice.predict("Sample subject", "robot-3", 4, [], "robo", "robot", "quick", 12, True, api_name="/start_training")
+    assert "robo" in status
+    with pytest.raises(AppError, match="already have a training job"):  # one job per user at a time
+        alice.predict("Sample subject", "robot-3", 4, [], "robo2", "robot", "quick", 12, True, api_name="/start_training")
+    text, curve, validation = wait_for_training(alice)
+    assert "done" in text and "version 1" in text, text
+    assert len(curve["data"]) == 12  # one loss point per step
+    assert len(validation) == 2  # 2 rounds x 1 image
+
+    personalized, base, files, info = alice.predict(
+        "a photo of <robo> on green grass", "", 3, 2, 4, 4.0, "ddim", True, api_name="/generate"
+    )
+    assert len(personalized) == 2 and len(base) == 2 and "seed 3" in info
+    provenance = [read_provenance(p) for p in gallery_paths(personalized)]
+    assert [p.seed for p in provenance] == [3, 4] and {p.user for p in provenance} == {"alice"}
+    assert provenance[0].adapters[0]["concept"] == "robo" and provenance[0].adapters[0]["version"] == 1
+    base_prov = [read_provenance(p) for p in gallery_paths(base)]
+    assert [p.seed for p in base_prov] == [3, 4] and base_prov[0].adapters == () and "<robo>" not in base_prov[0].prompt
+    assert any(Path(f).name == "provenance.json" for f in files)
+
+    table = alice.predict(api_name="/list_concepts")[0]
+    assert [row[0] for row in table["data"]] == ["robo"]
+    history = alice.predict("robo", api_name="/history")[0]
+    assert [row[0] for row in history["data"]] == [1]
+
+    # Bob sees nothing of alice's and cannot use, read, export or delete it: the same "not found" as a missing concept.
+    assert bob.predict(api_name="/list_concepts")[0]["data"] == []
+    assert "No training job yet" in bob.predict(api_name="/watch_training")[0]  # jobs are per user too
+    assert bob.predict(api_name="/cancel_training") == "Nothing to cancel."
+    with pytest.raises(AppError, match="no concept &lt;robo&gt;"):
+        bob.predict("a photo of <robo>", "", 0, 1, 2, 4.0, "ddim", False, api_name="/generate")
+    for call in (
+        lambda: bob.predict("robo", api_name="/history"),
+        lambda: bob.predict("robo", "1", "kohya", api_name="/export"),
+        lambda: bob.predict("robo", "1", "whole concept", True, api_name="/delete"),
+        lambda: bob.predict("robo", "latest", api_name="/diagnostics"),
+    ):
+        with pytest.raises(AppError, match="has no concept 'robo'"):
+            call()
+
+    diag = alice.predict("robo", "latest", api_name="/diagnostics")
+    assert "v1" in diag[0] and any(row[0] == "subject_fidelity" for row in diag[4]["data"]) and len(diag[3]["data"]) > 0
+    exported = alice.predict("robo", "1", "diffusers", api_name="/export")
+    assert Path(exported).suffix == ".zip"
+
+    with pytest.raises(AppError, match="Tick"):
+        alice.predict("robo", "1", "whole concept", False, api_name="/delete")
+    message = alice.predict("robo", "1", "whole concept", True, api_name="/delete")
+    assert "deleted the whole concept" in message
+    assert alice.predict(api_name="/list_concepts")[0]["data"] == []
+    with pytest.raises(AppError, match="no concept &lt;robo&gt;"):
+        alice.predict("a photo of <robo>", "", 0, 1, 2, 4.0, "ddim", False, api_name="/generate")
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height pixels and holds almost no data: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_refused_uploads_name_each_file_and_why(app, tmp_path):
+    c = client(app, BOB)
+    good = []
+    for i in range(21):
+        good.append(tmp_path / f"ok{i}.png")
+        Image.new("RGB", (64, 64), (i * 10, 100, 200)).save(good[-1])
+    (tmp_path / "notes.png").write_text("not an image at all")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(tmp_path / "noisy.png")  # ~270 KB: over our 200 KB, under the upload cap
+    Image.new("RGB", (1200, 1000), "white").save(tmp_path / "wide.png")  # 1.2 MP, a few KB
+    _png_header_only(tmp_path / "bomb.png", 30000, 30000)
+
+    def start(files):
+        return c.predict("Upload photos", "robot-3", 4, [handle_file(str(f)) for f in files], "mine", "robot", "quick", 2, False, api_name="/start_training")
+
+    with pytest.raises(AppError) as refused:
+        start([*good[:2], tmp_path / "notes.png", tmp_path / "noisy.png", tmp_path / "wide.png", tmp_path / "bomb.png"])
+    message = str(refused.value)
+    assert "notes.png: not a JPEG, PNG or WebP image" in message
+    assert "noisy.png:" in message and "over the 200000-byte limit" in message
+    assert "wide.png: 1200x1000 is 1200000 pixels, over the 1000000-pixel limit" in message
+    assert "bomb.png: refused as a decompression bomb" in message  # PIL refuses it from the header, before decoding
+    assert "ok0.png" not in message and "ok1.png" not in message
+    with pytest.raises(AppError, match="21 photos is too many: give at most 20"):
+        start(good)
+    with pytest.raises(AppError, match="2 photos is too few"):
+        start(good[:2])
+    assert app["service"].jobs.latest("bob") is None  # nothing was queued
+
+
+def _login_cookie(url: str, who) -> str:
+    import httpx
+
+    response = httpx.post(f"{url}/login", data={"username": who[0], "password": who[1]})
+    assert response.status_code == 200, response.text
+    return "; ".join(f"{k}={v}" for k, v in response.cookies.items())
+
+
+def _raw_get(url: str, path: str, cookie: str | None, headers: dict | None = None) -> tuple[int, bytes]:
+    """GET exactly ``path`` (no client-side normalization of '..' or percent-escapes)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("GET", path, headers={"Cookie": cookie} if cookie else {})
+        response = conn.getresponse()
+        if headers is not None:
+            headers.update({k.lower(): v for k, v in response.getheaders()})
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_file_route_serves_nothing_outside_the_outputs_folder(app):
+    url, root = app["url"], app["root"]
+    outputs = app["service"].outputs
+    secret = root / "secret.txt"
+    secret.write_text("TOP SECRET registry neighbour")
+    inside = outputs / "users" / "alice" / "probe.png"
+    inside.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), "red").save(inside)
+    repo_file = Path(__file__).resolve().parents[1] / "README.md"
+    cookie = _login_cookie(url, ALICE)
+    port = urlsplit(url).port
+
+    assert _raw_get(url, f"/gradio_api/file={inside}", cookie)[0] == 200  # the control: an app file is served
+    assert _raw_get(url, f"/gradio_api/file={inside}", None)[0] in (401, 403)  # but not without logging in
+    attempts = [
+        f"/gradio_api/file={secret}",
+        f"/gradio_api/file={outputs}/../secret.txt",
+        f"/gradio_api/file={outputs}/%2e%2e/secret.txt",
+        "/gradio_api/file=/etc/passwd",
+        "/gradio_api/file=../../../../../../../../etc/passwd",
+        "/gradio_api/file=..%2f..%2f..%2f..%2f..%2f..%2fetc%2fpasswd",
+        f"/gradio_api/file/{secret}",
+        f"/gradio_api/file={repo_file}",
+        "/gradio_api/file=README.md",
+        f"/gradio_api/file=http://127.0.0.1:{port}/config",
+        "/gradio_api/file=file:///etc/passwd",
+        f"/gradio_api/proxy=http://127.0.0.1:{port}/config",
+        f"/file={secret}",
+    ]
+    for path in attempts:
+        status, body = _raw_get(url, path, cookie)
+        assert status in (403, 404), (path, status)
+        assert b"TOP SECRET" not in body and b"root:" not in body, path
+        if path.startswith("/gradio_api/"):
+            assert body == b"File not allowed.", (path, body)  # refused by the demo's own guard, before Gradio
+
+    # What users upload is never served inline: an HTML "photo" comes back as a download, not a page.
+    from gradio.utils import get_upload_folder
+
+    planted = Path(get_upload_folder()) / "0123abcd" / "evil.html"
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_text("<script>alert(1)</script>")
+    headers: dict = {}
+    status, _ = _raw_get(url, f"/gradio_api/file={planted}", cookie, headers)
+    assert status == 200 and headers["content-disposition"].startswith("attachment"), headers
+
+    # An API call naming a server path as an "uploaded" photo is refused before any file is read.
+    import httpx
+
+    payload = {"data": ["Upload photos", "robot-3", 4, [{"path": str(secret), "meta": {"_type": "gradio.FileData"}}] * 3, "x", "robot", "quick", 2, False]}
+    started = httpx.post(f"{url}/gradio_api/call/start_training", json=payload, headers={"Cookie": cookie})
+    assert started.status_code == 200, started.text
+    events = httpx.get(f"{url}/gradio_api/call/start_training/{started.json()['event_id']}", headers={"Cookie": cookie}).text
+    assert "event: error" in events and "TOP SECRET" not in events
+    assert app["service"].jobs.latest("alice") is None or app["service"].jobs.latest("alice").concept != "x"
+
+
+def test_users_file_and_password_hashes(tmp_path):
+    from demo.auth import AuthConfigError, load_users
+
+    users_file = tmp_path / "users.txt"
+    users_file.write_text(f"# team\nalice:plain pass\nbob:{hash_password('s3cret', iterations=1000)}\n")
+    users = load_users(users_file)
+    assert users.names == ["alice", "bob"]
+    assert users("alice", "plain pass") and users("bob", "s3cret")
+    assert not users("alice", "wrong") and not users("bob", "wrong") and not users("carol", "plain pass")
+    users_file.write_text("../evil:pw\n")
+    with pytest.raises(AuthConfigError, match="user name"):
+        load_users(users_file)
+    users_file.write_text("nopassword\n")
+    with pytest.raises(AuthConfigError, match="name:password"):
+        load_users(users_file)
+
+
+def test_demo_command_is_listed_and_hashes_passwords(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "demo.cli", "demo", "--hash-password"], input="pw\n", capture_output=True, text=True, cwd=root, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip()
+    assert line.startswith("pbkdf2_sha256$") and Users({"u": line})("u", "pw")
+    listing = subprocess.run([sys.executable, "-m", "demo.cli", "--help"], capture_output=True, text=True, cwd=root, env=env, timeout=120).stdout
+    assert any(line.strip().startswith("demo ") for line in listing.splitlines()), listing
+    help_text = subprocess.run([sys.executable, "-m", "demo.cli", "demo", "--help"], capture_output=True, text=True, cwd=root, env=env, timeout=120).stdout
+    assert "--auth" in help_text and "--outputs" in help_text
+
+
+def test_jobs_queue_one_at_a_time_and_cancel():
+    """The job manager alone: one job at a time in order, one per user, queue positions, cancelling."""
+    from demo.jobs import JobRefused, JobState, TrainingJobs
+
+    def run(request, reporter):
+        for step in range(1, 100_000):
+            time.sleep(0.005 if request == "slow" else 0)
+            reporter.progress(step, 100_000, {"phase": "train", "loss": 1.0 / step})
+            if request == "fast" and step == 3:
+                return 7
+        return 1
+
+    def until(user, done):
+        status = jobs.latest(user)
+        deadline = time.monotonic() + 60
+        while not done(status) and time.monotonic() < deadline:
+            status = jobs.wait(user, status.revision, 1.0)
+        assert done(status), status
+        return status
+
+    jobs = TrainingJobs(run)
+    try:
+        jobs.submit("u1", "a", "slow")
+        until("u1", lambda s: s.state is JobState.RUNNING and s.losses)
+        queued = jobs.submit("u2", "b", "fast")
+        assert queued.state is JobState.QUEUED and queued.queue_position == 1  # behind u1's running job
+        with pytest.raises(JobRefused, match="already have a training job"):
+            jobs.submit("u1", "c", "fast")
+        assert jobs.cancel("u1").state is JobState.RUNNING  # a running job stops at its next step
+        assert until("u1", lambda s: s.state.finished).state is JobState.CANCELLED
+        done = until("u2", lambda s: s.state.finished)
+        assert done.state is JobState.DONE and done.version == 7 and [step for step, _ in done.losses] == [1, 2, 3]
+        jobs.submit("u1", "d", "slow")  # a finished job does not block the next one
+        assert jobs.cancel("u1") is not None and until("u1", lambda s: s.state.finished).state is JobState.CANCELLED
+        assert jobs.cancel("nobody") is None
+    finally:
+        jobs.close()
+
+
+def test_file_guard_resolves_before_it_allows(tmp_path):
+    from demo.file_guard import file_allowed
+
+    outputs = tmp_path / "outputs"
+    (outputs / "a").mkdir(parents=True)
+    (outputs / "a" / "x.png").write_bytes(b"png")
+    (tmp_path / "secret").write_text("s")
+    (outputs / "link").symlink_to(tmp_path / "secret")
+    roots = [outputs]
+    assert file_allowed(str(outputs / "a" / "x.png"), roots)
+    for target in (str(outputs / ".." / "secret"), str(outputs / "link"), "/etc/passwd", "http://example.com/x.png", "//host/x", "a\0b", ""):
+        assert not file_allowed(target, roots), target
+
+
+def test_provenance_survives_the_download(app):
+    """Generated PNGs reach the browser byte for byte: the provenance chunk is still inside."""
+    c = client(app, ALICE)
+    personalized, _, files, _ = c.predict("a photo of a red mug on green grass", "", 11, 1, 2, 4.0, "ddim", True, api_name="/generate")
+    (path,) = gallery_paths(personalized)
+    assert read_provenance(path).seed == 11
+    sidecar = next(f for f in files if Path(f).name == "provenance.json")
+    assert json.loads(Path(sidecar).read_text())[0]["seed"] == 11
