@@ -26,7 +26,6 @@ class word is one of the world's classes (see :func:`world_evaluator_applies`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -34,7 +33,7 @@ from PIL import Image
 from gen import world
 from gen.adapter import LoraAdapter
 from gen.base import Base
-from gen.benchmark import PROMPT_KINDS, evaluation_prompt, evaluation_specs  # noqa: F401  (re-exported)
+from gen.benchmark import PROMPT_KINDS, BenchmarkSettings, evaluation_prompt, evaluation_specs  # noqa: F401  (re-exported)
 from gen.evaluate import (  # noqa: F401  (the metrics live in gen; re-exported for callers of this module)
     PriorStats,
     class_accuracy,
@@ -75,15 +74,7 @@ def world_captions(images: Sequence[Image.Image], class_word: str, evaluator: Ev
     return captions
 
 
-@dataclass(frozen=True)
-class FidelitySettings:
-    """How much sampling an evaluation costs."""
-
-    prompts: int = 8
-    images_per_prompt: int = 2
-    prior_images: int = 8
-    steps: int | None = None  # default: the base's
-    seed: int = 0
+FidelitySettings = BenchmarkSettings  # how much sampling the training-time evaluation costs: a benchmark's settings
 
 
 def world_fidelity_hook(
