@@ -136,12 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="outputs", help="output folder (default: ./outputs)")
     gen.set_defaults(func=cmd_generate)
 
+    from adapters.train.config import PRESET_NAMES
+
     quick = sub.add_parser("quickstart", help="personalize a sample subject from 4 photos and save a before/after grid")
     _add_base_args(quick)
     quick.add_argument("--subject", default="robot-3", help="a held-out world subject: <class>-<0..9> (default: robot-3)")
     quick.add_argument("--user", default="quickstart", help="whose registry entry the adapter becomes (default: quickstart)")
     quick.add_argument("--registry", default=None, help="registry folder (default: $BESPOKE_REGISTRY, else <cache dir>/registry)")
-    quick.add_argument("--preset", default="balanced", help="quick, balanced or best (default: balanced)")
+    quick.add_argument("--preset", choices=PRESET_NAMES, default="balanced", help="quick, balanced or best (default: balanced)")
     quick.add_argument("--train-steps", type=int, default=None, help="training steps (default: the preset's)")
     quick.add_argument("--seed", type=int, default=0)
     quick.add_argument("--out", default="outputs/quickstart")

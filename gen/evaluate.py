@@ -77,10 +77,8 @@ def default_evaluator() -> Evaluator:
     return load_evaluator()
 
 
-class WorldEmbedder:
-    """Identity embeddings of the world's evaluator (the built-in base's DINO)."""
-
-    name = "world-evaluator identity"
+class _WorldJudge:
+    """A judge backed by the world's evaluator: the one given, else the shipped one (loaded on first use)."""
 
     def __init__(self, evaluator: Evaluator | None = None) -> None:
         self._evaluator = evaluator
@@ -88,6 +86,12 @@ class WorldEmbedder:
     @property
     def evaluator(self) -> Evaluator:
         return self._evaluator if self._evaluator is not None else default_evaluator()
+
+
+class WorldEmbedder(_WorldJudge):
+    """Identity embeddings of the world's evaluator (the built-in base's DINO)."""
+
+    name = "world-evaluator identity"
 
     def embed(self, images: Images) -> torch.Tensor:
         return identity_embeddings(self.evaluator, list(images)).float()
@@ -98,17 +102,10 @@ def stated_attributes(prompt: str) -> dict[str, object]:
     return {_STATED_TO_READ.get(k, k): v for k, v in world.parse_caption(prompt).items() if v is not None}
 
 
-class WorldPromptScorer:
+class WorldPromptScorer(_WorldJudge):
     """Per image, the fraction of the attributes its prompt states that the evaluator reads back."""
 
     name = "world-evaluator attributes"
-
-    def __init__(self, evaluator: Evaluator | None = None) -> None:
-        self._evaluator = evaluator
-
-    @property
-    def evaluator(self) -> Evaluator:
-        return self._evaluator if self._evaluator is not None else default_evaluator()
 
     def score(self, images: Images, prompts: Sequence[str]) -> list[float]:
         hits = self.hits(images, prompts)
