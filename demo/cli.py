@@ -66,7 +66,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     Before = the base prompted with the class word; after = the same prompt and seed with the
     subject's ``<concept>`` mention, so every difference in a row is the adapter's doing.
     """
-    from adapters.fidelity import world_fidelity_hook
+    from adapters.fidelity import world_captions, world_fidelity_hook
     from adapters.registry import Registry
     from adapters.samples import sample_subject_images, subject_instance
     from adapters.train import personalize
@@ -83,11 +83,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     photos = sample_subject_images(instance, n=4, seed=args.seed)
     concept = args.subject.replace("-", "_")
     evaluate = world_fidelity_hook(base, instance.cls, photos, instance=instance)
+    # as `bespoke train` does on a world base: per-photo captions (background, position, size) keep the
+    # photos' contexts out of the concept (measured on robot-3: subject fidelity 0.22x bare, 0.73x captioned)
+    captions = world_captions(photos, instance.cls) if evaluate is not None else None
     bars = ProgressBars()
     try:
         with Registry(args.registry) as registry:
             record = personalize(
-                base, args.user, concept, photos, instance.cls, registry=registry, progress=bars, evaluate=evaluate,
+                base, args.user, concept, photos, instance.cls, captions=captions, registry=registry, progress=bars, evaluate=evaluate,
                 preset=args.preset, **({"steps": args.train_steps} if args.train_steps else {}),
             )
             _print_summary(record)

@@ -53,11 +53,12 @@ class RuntimeConfig:
     text_targets: tuple[str, ...] = TEXT_TARGETS
     max_rank: int = 64  # total rank of the adapters composed for one request
     bank_size: int = 8  # distinct adapter sets in one batch
-    # Run one-adapter-set batches fused into the UNet weights. Off: on the CPU (SD1.5 UNet, 8x8
-    # latents, rank 16) the slots already cost ~1% per forward, within noise of fused, while a
-    # fused switch (restore + addmm over 128 layers) costs ~240 ms against ~3.4 ms for a slot
-    # copy. On CUDA, where eager hooks add kernel launches, measure with scripts/bench_serving.py.
-    fuse_single: bool = False
+    # Run one-adapter-set batches fused into the UNet weights; None: on CUDA only. Measured with
+    # scripts/bench_serving.py (rank 16): on an H200 the slots' eager hooks add 29% (SD1.5) / 43%
+    # (SDXL) to a UNet forward and fused weights 0-3%; a fused switch (4.7 / 22 ms) is repaid
+    # within one or two steps. On the CPU the slots cost ~1% and a fused switch ~240 ms. Fusing
+    # keeps a pristine copy of the targeted layers, made at the first fuse.
+    fuse_single: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class LoraSlots:
         self._ranks = [0] * slots  # rows >= _ranks[s] are zero in every layer of slot s
         self._active: _Active | None = None
         self._row_index: dict[int, torch.Tensor] = {}
+        self._views: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # (slot, offset, rank, layers) -> A, Bt views
         self._pristine: list[torch.Tensor] | None = None
         self.fused = False
         self._handles = [layer.register_forward_hook(partial(self._hook, i)) for i, layer in enumerate(self.layers.values())]
@@ -170,9 +172,8 @@ class LoraSlots:
         dst, src, scaled = [], [], []
         offset = 0
         for packed, weight in parts:
-            span = slice(offset, offset + packed.rank)
-            bt_views = [self.bt[i][slot, span] for i in packed.layers]
-            dst += [self.a[i][slot, span] for i in packed.layers] + bt_views
+            a_views, bt_views = self._slot_views(slot, offset, packed)
+            dst += a_views + bt_views
             src += [*packed.a, *packed.bt]
             if weight != 1:
                 scaled.append((bt_views, weight))
@@ -185,6 +186,19 @@ class LoraSlots:
             for views, weight in scaled:
                 torch._foreach_mul_(views, weight)
         self._ranks[slot] = total
+
+    def _slot_views(self, slot: int, offset: int, packed: PackedLora) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Views of ``slot``'s rows ``offset:offset + rank`` in the packed adapter's layers, made once.
+
+        Making hundreds of views costs more host time than the copy itself on a GPU, and a
+        bank sees few (slot, offset, rank, layers) combinations, so they are kept.
+        """
+        key = (slot, offset, packed.rank, packed.layers)
+        views = self._views.get(key)
+        if views is None:
+            span = slice(offset, offset + packed.rank)
+            views = self._views[key] = ([self.a[i][slot, span] for i in packed.layers], [self.bt[i][slot, span] for i in packed.layers])
+        return views
 
     # --- what the hooks do ---
 
@@ -330,9 +344,12 @@ class LoraRuntime:
         """Make row ``i`` of the next batch use ``rows[i]`` (an empty set: the base alone).
 
         A batch with one adapter set on every row runs fused into the UNet when ``fuse`` (default:
-        ``config.fuse_single``), through the slots otherwise.
+        ``config.fuse_single``; unset: on CUDA), through the slots otherwise.
         """
-        fuse = self.config.fuse_single if fuse is None else fuse
+        if fuse is None:
+            fuse = self.config.fuse_single
+        if fuse is None:  # unset: fused on CUDA, where per-layer hooks cost most (see RuntimeConfig)
+            fuse = "unet" in self.slots and self.slots["unet"].device.type == "cuda"
         keys = [set_key(s) for s in rows]
         distinct = {k: s for k, s in zip(keys, rows) if s}
         if len(distinct) > self.config.bank_size:

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters.evaluation import AdapterEvaluation, evaluate_config  # noqa: E402
+from demo.cli_train import ProgressBars  # noqa: E402
 from gen.base import load_base  # noqa: E402
 from gen.benchmark import BenchmarkSettings  # noqa: E402
 from gen.report import line_chart, write_json  # noqa: E402
@@ -122,10 +123,18 @@ def run_curve(base, settings: Settings, progress=None) -> dict:
 
 
 def findings(methods: dict, curve: dict) -> dict:
-    """Each of DreamBooth's findings and whether it reproduced here."""
+    """Each of DreamBooth's findings and whether it reproduced here (the curve's alone without ``methods``)."""
+    first, last = curve["mean"][0], curve["mean"][-1]
+    overtraining = {
+        "steps": [first["step"], last["step"]],
+        "subject_fidelity": [first["subject_fidelity"], last["subject_fidelity"]],
+        "prompt_fidelity": [first["prompt_fidelity"], last["prompt_fidelity"]],
+        "reproduced": bool(last["subject_fidelity"] > first["subject_fidelity"] and last["prompt_fidelity"] < first["prompt_fidelity"]),
+    }
+    if not methods:
+        return {"overtraining_raises_subject_lowers_prompt_fidelity": overtraining}
     db, ti = methods["dreambooth_lora"]["mean"], methods["textual_inversion"]["mean"]
     no_prior = methods["dreambooth_lora_no_prior"]["mean"]
-    first, last = curve["mean"][0], curve["mean"][-1]
     return {
         "lora_beats_textual_inversion_on_subject_fidelity": {
             "dreambooth_lora": db.get("subject_fidelity"), "textual_inversion": ti.get("subject_fidelity"),
@@ -135,12 +144,7 @@ def findings(methods: dict, curve: dict) -> dict:
             "with": db.get("prior_drift_identity"), "without": no_prior.get("prior_drift_identity"),
             "reproduced": bool(db.get("prior_drift_identity", 0) < no_prior.get("prior_drift_identity", 0)),
         },
-        "overtraining_raises_subject_lowers_prompt_fidelity": {
-            "steps": [first["step"], last["step"]],
-            "subject_fidelity": [first["subject_fidelity"], last["subject_fidelity"]],
-            "prompt_fidelity": [first["prompt_fidelity"], last["prompt_fidelity"]],
-            "reproduced": bool(last["subject_fidelity"] > first["subject_fidelity"] and last["prompt_fidelity"] < first["prompt_fidelity"]),
-        },
+        "overtraining_raises_subject_lowers_prompt_fidelity": overtraining,
     }
 
 
@@ -192,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", default=None, help="training preset (default: balanced)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of the methods (default: the preset's)")
     parser.add_argument("--markdown", action="store_true", help="also print the tables as markdown (for the README)")
+    parser.add_argument("--curve-only", action="store_true", help="skip the methods; only the overtraining curve")
     parser.add_argument("--out", default="runs/bench_dreambooth.json")
     parser.add_argument("--plot", default=None, help="curve PNG (default: beside --out, <name>_curve.png)")
     args = parser.parse_args(argv)
@@ -211,8 +216,12 @@ def main(argv: list[str] | None = None) -> dict:
     if base.defaults.stand_in:
         print("note: the base is an untrained stand-in; the numbers are meaningless until the trained base ships")
     started = time.perf_counter()
-    methods = run_methods(base, settings)
-    curve = run_curve(base, settings)
+    bars = ProgressBars()  # class images, training, evaluation: one bar per phase
+    try:
+        methods = {} if args.curve_only else run_methods(base, settings, bars)
+        curve = run_curve(base, settings, bars)
+    finally:
+        bars.close()
     results = {
         "methods": methods,
         "curve": curve,
@@ -228,15 +237,16 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     plot = plot_curve(curve, Path(args.plot) if args.plot else out.with_name(out.stem + "_curve.png"))
     results["plot"] = str(plot)
-    print("\nMethods (mean over subjects: " + ", ".join(settings.subjects) + ")")
-    print(table(methods))
+    if methods:
+        print("\nMethods (mean over subjects: " + ", ".join(settings.subjects) + ")")
+        print(table(methods))
     print("\nOvertraining curve (DreamBooth-LoRA, mean over " + ", ".join(settings.curve_subjects) + ")")
     print(curve_table(curve))
     print()
     for name, finding in results["findings"].items():
         print(f"{'reproduced' if finding['reproduced'] else 'NOT reproduced'}: {name.replace('_', ' ')}")
     if args.markdown:
-        print("\n" + table(methods, markdown=True) + "\n\n" + curve_table(curve, markdown=True))
+        print("\n" + (table(methods, markdown=True) + "\n\n" if methods else "") + curve_table(curve, markdown=True))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, results)
     print(f"\nwrote {out} and {plot}")

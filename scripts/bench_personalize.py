@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters.fidelity import FidelitySettings, world_captions, world_fidelity_hook  # noqa: E402
@@ -73,7 +74,7 @@ QUICK = BenchSettings(
 )
 
 
-def train(base: Base, subjects: list[str], settings: BenchSettings, registry: Registry, **options) -> list[dict]:
+def train(base: Base, subjects: list[str], settings: BenchSettings, registry: Registry, bar: tqdm, **options) -> list[dict]:
     """Train ``subjects`` in one job; one row per subject: its metrics and the job's timing."""
     jobs = []
     for name in subjects:
@@ -82,6 +83,8 @@ def train(base: Base, subjects: list[str], settings: BenchSettings, registry: Re
         captions = world_captions(photos, cls) if settings.auto_captions else None  # what `bespoke train` does
         jobs.append(TrainJob(user=f"bench-{name}", concept=name, images=photos, class_word=cls, captions=captions, evaluate=hook))
     records = personalize_many(base, jobs, registry=registry, preset=settings.preset, **{**settings.overrides, **options})
+    bar.update(1)
+    bar.set_postfix(last=",".join(subjects), subject_fid=f"{records[0].metrics.get('subject_fidelity', float('nan')):.2f}")
     return [{"subject": name, **record.metrics} for name, record in zip(subjects, records)]
 
 
@@ -128,18 +131,22 @@ def table(title: str, header: list[str], rows: list[list]) -> str:
 
 def run(base: Base, settings: BenchSettings, registry: Registry) -> dict:
     class_image_seconds = warm_class_images(base, settings)
-    subjects = [row for name in settings.subjects for row in train(base, [name], settings, registry)]
+    variants = ablation_variants(base, settings)
+    k = min(settings.users_in_job, len(settings.subjects))
+    runs = len(settings.subjects) + len(variants) * settings.ablation_subjects + 1 + k
+    bar = tqdm(total=runs, desc="training runs", unit="run")
+    subjects = [row for name in settings.subjects for row in train(base, [name], settings, registry, bar)]
     summary = {key: mean_of(subjects, key) for key in ("train_seconds", *QUALITY_KEYS)}
 
     ablation = []
-    for label, options in ablation_variants(base, settings):
-        rows = [row for name in settings.subjects[: settings.ablation_subjects] for row in train(base, [name], settings, registry, **options)]
+    for label, options in variants:
+        rows = [row for name in settings.subjects[: settings.ablation_subjects] for row in train(base, [name], settings, registry, bar, **options)]
         ablation.append({"variant": label, "options": options, **{k: mean_of(rows, k) for k in ("train_seconds", *QUALITY_KEYS)}})
 
-    k = min(settings.users_in_job, len(settings.subjects))
     names = list(settings.subjects[:k])
-    together = train(base, names, settings, registry)
-    alone = [row for name in names for row in train(base, [name], settings, registry)]
+    together = train(base, names, settings, registry, bar)
+    alone = [row for name in names for row in train(base, [name], settings, registry, bar)]
+    bar.close()
     per_step = images_per_step(base, settings, 1)
     steps = together[0]["steps"]
     joint_rate = k * per_step * steps / together[0]["loop_seconds"]

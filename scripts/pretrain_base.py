@@ -4,6 +4,8 @@
     accelerate launch scripts/pretrain_base.py --out runs/pretrain         # any accelerate config
     python scripts/pretrain_base.py --out runs/pretrain --ship             # also copy into gen/builtin/base
     python scripts/pretrain_base.py --out runs/more --init-from gen/builtin/base --steps 4000   # train further
+    python scripts/pretrain_base.py --out runs/gpu --init-from gen/builtin/base --batch 1024 --lr 1e-3 \
+        --mixed-precision bf16 --render-workers 14 --loader-workers 6 --max-minutes 5   # a GPU lease (stage 3)
 
 Recipe (why): the model works in a 4x-downsampled latent space (16x16x4 for 64x64 images) so a
 CPU can afford thousands of steps; v-prediction on a zero-terminal-SNR schedule, because epsilon
@@ -24,6 +26,7 @@ import math
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -73,6 +76,10 @@ class PretrainConfig:
     sample_every: int = 500
     checkpoint_every: int = 250
     threads: int = 0  # torch threads per process; 0 = torch's default
+    mixed_precision: str = "no"  # "bf16" on a GPU: autocast for the UNet and text encoder, fp32 master weights
+    render_workers: int = 1  # processes rendering the pool (the result does not depend on it)
+    loader_workers: int = 0  # processes preparing step batches (captions, tokens, noise) ahead of a GPU
+    max_minutes: float = 0.0  # stop the UNet stage after this much wall time (0 = run all steps) and save what there is
 
 
 # --------------------------------------------------------------------------- models
@@ -163,18 +170,28 @@ class Pool:
 
 
 def render_pool(cfg: PretrainConfig) -> Pool:
-    """Pretraining instances in training combinations only (the same draws as ``world.sample_dataset``)."""
-    images, specs, masks = [], [], []
+    """Pretraining instances in training combinations only (the same draws as ``world.sample_dataset``).
+
+    Chunks are seeded by their position, so any number of ``render_workers`` gives the same pool.
+    """
     chunk = 2000
-    for start in tqdm(range(0, cfg.pool_size, chunk), desc="rendering world", unit="chunk"):
-        n = min(chunk, cfg.pool_size - start)
-        rng = np.random.default_rng(cfg.seed * 1_000_003 + start)
-        sp = [world.sample_spec(rng, instances="pretrain", combos="train") for _ in range(n)]
-        im, m = world.render_batch_with_masks(sp, rng.integers(0, 2**62, size=n))
-        images.append(torch.from_numpy(im).permute(0, 3, 1, 2).contiguous())
-        masks.append(torch.from_numpy(m))
-        specs += sp
+    starts = list(range(0, cfg.pool_size, chunk))
+    jobs = [(cfg.seed, start, min(chunk, cfg.pool_size - start)) for start in starts]
+    images, specs, masks = [], [], []
+    with ProcessPoolExecutor(max(1, cfg.render_workers)) as workers:
+        for im, sp, m in tqdm(workers.map(_render_chunk, jobs), total=len(jobs), desc="rendering world", unit="chunk"):
+            images.append(torch.from_numpy(im).permute(0, 3, 1, 2).contiguous())
+            masks.append(torch.from_numpy(m))
+            specs += sp
     return Pool(torch.cat(images), specs, torch.cat(masks))
+
+
+def _render_chunk(job: tuple[int, int, int]) -> tuple[np.ndarray, list[world.SceneSpec], np.ndarray]:
+    seed, start, n = job
+    rng = np.random.default_rng(seed * 1_000_003 + start)
+    specs = [world.sample_spec(rng, instances="pretrain", combos="train") for _ in range(n)]
+    images, masks = world.render_batch_with_masks(specs, rng.integers(0, 2**62, size=n))
+    return images, specs, masks
 
 
 def weighted_mean(err: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -186,20 +203,43 @@ def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float().div(127.5).sub(1.0)
 
 
-def batch_indices(cfg: PretrainConfig, step: int, accel: Accelerator, n: int, batch: int) -> np.ndarray:
-    """A batch that depends only on (seed, step, process): resuming replays exactly."""
-    rng = np.random.default_rng([cfg.seed, step, accel.process_index])
-    return rng.integers(0, n, size=batch)
+class StepBatches(torch.utils.data.Dataset):
+    """Everything a UNet step needs but the model: a pure function of (seed, step, process).
+
+    Indexed by step, so resuming replays exactly, and DataLoader workers can prepare batches
+    (captions, tokens, noise, loss weights) ahead of a GPU without changing them.
+    """
+
+    def __init__(self, cfg: PretrainConfig, pool: Pool, tokenizer, means: torch.Tensor, stds: torch.Tensor, process: int, timesteps: int):
+        self.cfg, self.pool, self.tokenizer, self.means, self.stds = cfg, pool, tokenizer, means, stds
+        self.process, self.timesteps = process, timesteps
+
+    def __len__(self) -> int:
+        return self.cfg.steps
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        idx = np.random.default_rng([cfg.seed, step, self.process]).integers(0, len(self.means), size=cfg.batch)
+        rng = np.random.default_rng([cfg.seed, step, self.process, 1])
+        captions = ["" if rng.random() < cfg.caption_dropout else world.caption(self.pool.specs[i], rng) for i in idx]
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        x0 = self.means[idx] + self.stds[idx] * torch.randn(self.means[idx].shape, generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, self.timesteps, (len(idx),), generator=gen)
+        return {"ids": ids, "x0": x0, "eps": eps, "t": t, "weights": self.pool.loss_weights(idx, cfg, x0.shape[-1])}
 
 
 # --------------------------------------------------------------------------- stages
 
 
-def lr_lambda(cfg: PretrainConfig, total: int):
+def lr_lambda(cfg: PretrainConfig, total):
+    """Warm-up, then cosine to 10%; ``total()`` is read every step, so a time-capped run can shorten it."""
+
     def f(step: int) -> float:
         if step < cfg.warmup:
             return (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
+        progress = min(1.0, (step - cfg.warmup) / max(1, total() - cfg.warmup))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
@@ -232,7 +272,7 @@ def _fit_vae(cfg: PretrainConfig, pool: Pool, out: Path, device, start: int, tot
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, lambda: total))
     for _ in range(start):
         sched.step()
     rng = np.random.default_rng([cfg.seed, 7, start])
@@ -338,7 +378,8 @@ def train_diffusion(cfg: PretrainConfig, accel: Accelerator, vae: AutoencoderKL,
     accel.print(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M")
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.steps))
+    plan = {"steps": cfg.steps}  # with --max-minutes: cut to what fits once the step rate is known, so the schedule still anneals
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, lambda: plan["steps"]))
     unet, text_encoder, opt, sched = accel.prepare(unet, text_encoder, opt, sched)
     accel.register_for_checkpointing(ema)
     ema.to(accel.device)
@@ -348,24 +389,22 @@ def train_diffusion(cfg: PretrainConfig, accel: Accelerator, vae: AutoencoderKL,
     if (ckpt / "step.json").is_file():
         accel.load_state(str(ckpt))
         start = json.loads((ckpt / "step.json").read_text())["step"]
+        ema.to(accel.device)  # the loaded EMA state arrives on the CPU
         accel.print(f"resumed from step {start}")
 
     means, stds = encode_pool(vae, pool.images, accel.device)
     noise = noise_scheduler()
     alphas = noise.alphas_cumprod.to(accel.device)
+    batches = torch.utils.data.DataLoader(
+        StepBatches(cfg, pool, tokenizer, means, stds, accel.process_index, noise.config.num_train_timesteps),
+        batch_size=None, sampler=range(start, cfg.steps), num_workers=cfg.loader_workers,
+        pin_memory=accel.device.type == "cuda", prefetch_factor=4 if cfg.loader_workers else None,
+    )
     log = []
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="unet+text", disable=not accel.is_main_process)
+    bar = tqdm(zip(range(start, cfg.steps), batches), initial=start, total=cfg.steps, desc="unet+text", disable=not accel.is_main_process)
     t0 = time.time()
-    for step in bar:
-        idx = batch_indices(cfg, step, accel, len(pool.images), cfg.batch)
-        rng = np.random.default_rng([cfg.seed, step, accel.process_index, 1])
-        captions = ["" if rng.random() < cfg.caption_dropout else world.caption(pool.specs[i], rng) for i in idx]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(accel.device)
-        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        x0 = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, noise.config.num_train_timesteps, (len(idx),), generator=gen)
-        x0, eps, t = x0.to(accel.device), eps.to(accel.device), t.to(accel.device)
+    for step, b in bar:
+        ids, x0, eps, t, weights = (b[k].to(accel.device, non_blocking=True) for k in ("ids", "x0", "eps", "t", "weights"))
         a = alphas[t].sqrt().view(-1, 1, 1, 1)
         s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
         noisy = a * x0 + s * eps
@@ -373,7 +412,6 @@ def train_diffusion(cfg: PretrainConfig, accel: Accelerator, vae: AutoencoderKL,
         with accel.accumulate(unet):
             cond = text_encoder(ids)[0]
             pred = unet(noisy, t, cond).sample
-            weights = pool.loss_weights(idx, cfg, x0.shape[-1]).to(accel.device)
             loss = weighted_mean((pred.float() - target.float()).pow(2), weights)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step}; last good checkpoint is in {ckpt}")
@@ -386,17 +424,31 @@ def train_diffusion(cfg: PretrainConfig, accel: Accelerator, vae: AutoencoderKL,
         log.append((step, loss.item()))
         bar.set_postfix(loss=f"{np.mean([l for _, l in log[-50:]]):.4f}")
         done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        elapsed = time.time() - t0
+        if cfg.max_minutes and done == start + 50:
+            warm = elapsed  # the first steps pay for loader start-up and kernel selection: time the next 50
+        if cfg.max_minutes and done == start + 100:
+            rate = 50 / (elapsed - warm)
+            fits = done + int(0.95 * (60 * cfg.max_minutes - elapsed) * rate)
+            plan["steps"] = int(accel.gather(torch.tensor([min(cfg.steps, fits)], device=accel.device)).min())
+            accel.print(f"{rate:.1f} steps/s: planning {plan['steps']} of {cfg.steps} steps in {cfg.max_minutes} minutes")
+        out_of_time = cfg.max_minutes and bool(accel.gather(torch.tensor([elapsed > 60 * cfg.max_minutes], device=accel.device)).any())
+        finished = done >= plan["steps"] or out_of_time
+        if done % cfg.checkpoint_every == 0 or finished:
             accel.save_state(str(ckpt))
             if accel.is_main_process:
                 (ckpt / "step.json").write_text(json.dumps({"step": done}))
                 with open(out / "loss.jsonl", "a") as f:
                     f.writelines(json.dumps({"step": s_, "loss": l_}) + "\n" for s_, l_ in log)
                 log.clear()
-        if accel.is_main_process and (done % cfg.sample_every == 0 or done == cfg.steps):
+        if accel.is_main_process and done % cfg.sample_every == 0 and not finished:
             pipe = ema_pipeline(ema, params, vae, accel.unwrap_model(text_encoder), tokenizer, accel.unwrap_model(unet))
             save_samples(pipe, out / f"samples_{done:06d}.png", done)
             accel.print(f"step {done}: {time.time() - t0:.0f}s, samples in {out}/samples_{done:06d}.png")
+        if finished:
+            if done < cfg.steps:
+                accel.print(f"stopped at step {done} of {cfg.steps} after {elapsed / 60:.1f} minutes (--max-minutes {cfg.max_minutes})")
+            break
     accel.wait_for_everyone()
     return ema_pipeline(ema, params, vae, accel.unwrap_model(text_encoder), tokenizer, accel.unwrap_model(unet), keep=True)
 
@@ -453,7 +505,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg, ship = parse_args(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    accel = Accelerator()
+    accel = Accelerator(mixed_precision=cfg.mixed_precision)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -463,6 +516,8 @@ def main(argv: list[str] | None = None) -> None:
     if accel.is_main_process:
         final = save_base(pipe, cfg, out, argv)
         print(f"saved {final}")
+        step = json.loads((out / "checkpoint" / "step.json").read_text())["step"]
+        save_samples(pipe, out / f"samples_{step:06d}.png", step)
         if ship:
             shutil.rmtree(BUILTIN_BASE_DIR, ignore_errors=True)
             shutil.copytree(final, BUILTIN_BASE_DIR)

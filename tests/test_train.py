@@ -222,6 +222,14 @@ def test_user_errors_stop_before_training_with_one_line(tiny_sd_dir, tmp_path, c
     assert code == 2 and err.count("\n") == 1 and "broken.jpg" in err
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_accelerate_launch_trains_with_two_processes(tiny_sd_dir, photos, tmp_path):
     from accelerate.utils import write_basic_config
 
@@ -231,6 +239,7 @@ def test_accelerate_launch_trains_with_two_processes(tiny_sd_dir, photos, tmp_pa
     # Without a GPU, --multi_gpu makes torchrun start the processes; they join as a gloo group on the CPU.
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--multi_gpu", "--num_processes", "2",
+        "--main_process_port", str(_free_port()),  # torchrun's fixed default (29500) can still be held by an earlier group
         str(ROOT / "scripts" / "train_lora.py"), "--base", tiny_sd_dir, "--user", "frank", "--concept", "duo", "--class-word", "mug",
         "--images", str(photos), "--registry", str(tmp_path / "reg"), "--preset", "quick", "--steps", "2",
         "--num-class-images", "2", "--class-image-steps", "2", "--no-evaluate", "--device", "cpu",
@@ -258,6 +267,21 @@ def test_bench_quick_writes_the_expected_json(tiny_sd_dir, tmp_path):
     labels = [r["variant"] for r in data["ablation"]]
     assert labels[0].startswith("default") and {"rank 4", "rank 16"} <= set(labels) and len(labels) == 6
     assert {"throughput_ratio", "images_per_s_one_job", "images_per_s_sequential", "quality_one_job"} <= set(data["multi_user"])
+
+
+def test_train_step_bench_quick_compares_both_recipes_on_both_families(tmp_path):
+    out = tmp_path / "steps.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_train_step.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data["models"]) == {"sd15", "sdxl"}
+    for row in data["models"].values():
+        assert row["ours"]["timed_steps"] >= 2 and row["diffusers"]["timed_steps"] >= 2
+        assert row["speedup"] == pytest.approx(row["diffusers"]["step_s"] / row["ours"]["step_s"])
+    assert "training step" in done.stdout
 
 
 def test_fidelity_metrics_rate_real_renders_as_faithful():

@@ -223,7 +223,8 @@ def encode_images(vae, images: Sequence[Image.Image], device: torch.device, mirr
     means, stds = [], []
     for view in views:
         x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in view])).permute(0, 3, 1, 2) / 127.5 - 1.0
-        parts = [vae.encode(x[i:i + 8].to(device, vae.dtype)).latent_dist for i in range(0, len(x), 8)]
+        chunk = min(8, max(1, 2**19 // (x.shape[-2] * x.shape[-1])))  # one image at a time from 1024 px: the encoder's activations are large
+        parts = [vae.encode(x[i:i + chunk].to(device, vae.dtype)).latent_dist for i in range(0, len(x), chunk)]
         means.append(torch.cat([p.mean for p in parts]).float())
         stds.append(torch.cat([p.std for p in parts]).float())
     scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
