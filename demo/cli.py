@@ -70,7 +70,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from adapters.registry import Registry
     from adapters.samples import sample_subject_images, subject_instance
     from adapters.train import personalize
-    from demo.cli_train import ProgressBars, _print_summary
+    from demo.cli_train import ProgressBars, print_summary
     from gen import Sampler, load_base
     from gen.errors import InvalidRequest
     from gen.grid import make_grid
@@ -93,7 +93,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                 base, args.user, concept, photos, instance.cls, captions=captions, registry=registry, progress=bars, evaluate=evaluate,
                 preset=args.preset, **({"steps": args.train_steps} if args.train_steps else {}),
             )
-            _print_summary(record)
+            print_summary(record)
             sampler = Sampler(base, adapters=registry)
             rows, labels = [photos], ["training photos"]
             for context in tqdm(QUICKSTART_CONTEXTS, desc="before/after", unit="prompt"):

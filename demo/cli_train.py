@@ -143,11 +143,12 @@ def run_train(args: argparse.Namespace):
         if bars is not None:
             bars.close()
     if state.is_main_process:
-        _print_summary(record)
+        print_summary(record)
     return record
 
 
-def _print_summary(record) -> None:
+def print_summary(record) -> None:
+    """What a user reads after training (the quickstart prints it too): version, steps, time, fidelity, usage."""
     m = record.metrics
     print(
         f"trained {record.user}/{record.concept} v{record.version}: rank {record.rank}, {m.get('steps', 0):.0f} steps "
