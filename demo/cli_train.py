@@ -133,13 +133,18 @@ def run_train(args: argparse.Namespace):
         make_grid([v.images], row_labels=[v.prompt], title=f"{v.user}/{v.concept} step {v.step}").save(samples_out / f"step_{v.step:06d}.png")
 
     bars = ProgressBars() if state.is_main_process else None
+    # Only the main process writes records (the others receive them), so only it opens the index. With every
+    # process holding a connection, the main one's write once waited out the lock timeout in CI (RegistryBusy;
+    # the holder was not pinned down); with one connection there is nothing to wait for.
+    registry = Registry(args.registry) if state.is_main_process else None
     try:
-        with Registry(args.registry) as registry:
-            record = personalize(
-                base, args.user, args.concept, args.images, args.class_word, captions=captions, registry=registry,
-                progress=bars, evaluate=evaluate, on_validation=save_validation, preset=args.preset, **overrides_from_args(args),
-            )
+        record = personalize(
+            base, args.user, args.concept, args.images, args.class_word, captions=captions, registry=registry,
+            progress=bars, evaluate=evaluate, on_validation=save_validation, preset=args.preset, **overrides_from_args(args),
+        )
     finally:
+        if registry is not None:
+            registry.close()
         if bars is not None:
             bars.close()
     if state.is_main_process:
