@@ -224,7 +224,8 @@ class StepBatches(torch.utils.data.Dataset):
         captions = ["" if rng.random() < cfg.caption_dropout else world.caption(self.pool.specs[i], rng) for i in idx]
         ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        x0 = self.means[idx] + self.stds[idx] * torch.randn(self.means[idx].shape, generator=gen)
+        mean = self.means[idx]
+        x0 = mean + self.stds[idx] * torch.randn(mean.shape, generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, self.timesteps, (len(idx),), generator=gen)
         return {"ids": ids, "x0": x0, "eps": eps, "t": t, "weights": self.pool.loss_weights(idx, cfg, x0.shape[-1])}

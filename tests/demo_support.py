@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from adapters.fidelity import FidelitySettings
 from demo.service import DemoService, DemoSettings
@@ -21,3 +25,12 @@ TINY = dict(
 
 def tiny_service(root: Path, *, auth: bool) -> DemoService:
     return DemoService(lambda: load_base("builtin"), DemoSettings(outputs=root / "outputs", registry=root / "registry", auth=auth, **TINY))
+
+
+@contextlib.contextmanager
+def gradio_env(root: Path) -> Iterator[None]:
+    """Gradio's upload cache under the test's outputs, and no analytics calls."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_TEMP_DIR", str(root / "outputs" / ".gradio"))
+        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        yield

@@ -21,7 +21,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from demo.auth import Users, hash_password  # noqa: E402
-from demo_support import tiny_service  # noqa: E402
+from demo_support import gradio_env, tiny_service  # noqa: E402
 from gen.provenance import read_provenance  # noqa: E402
 
 ALICE, BOB = ("alice", "wonderland-42"), ("bob", "builder:with:colons")
@@ -32,9 +32,7 @@ def app(tmp_path_factory):
     from demo.app import launch
 
     root = tmp_path_factory.mktemp("demo")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADIO_TEMP_DIR", str(root / "outputs" / ".gradio"))
-        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    with gradio_env(root):
         service = tiny_service(root, auth=True)
         users = Users({ALICE[0]: ALICE[1], BOB[0]: hash_password(BOB[1], iterations=1000)})
         demo = launch(service, users=users, prevent_thread_lock=True, quiet=True)

@@ -32,7 +32,7 @@ else:
     sync_api = pytest.importorskip("playwright.sync_api", reason="Python playwright is not installed (pip install -e '.[test]')")
 
 from demo.jobs import JobState  # noqa: E402
-from demo_support import tiny_service  # noqa: E402
+from demo_support import gradio_env, tiny_service  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +41,7 @@ def local_app(tmp_path_factory):
     from demo.app import launch
 
     root = tmp_path_factory.mktemp("demo_browser")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADIO_TEMP_DIR", str(root / "outputs" / ".gradio"))
-        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    with gradio_env(root):
         service = tiny_service(root, auth=False)
         try:
             service.start_training("local", concept="my-robot", class_word="robot", subject="robot-3", n_photos=4, steps=12)
