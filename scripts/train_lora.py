@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     state = process_state(args.device)
-    print(f"[process {state.process_index + 1}/{state.num_processes}] {record.user}/{record.concept} v{record.version} ({record.sha256[:12]})", flush=True)
+    # One write per line: launchers run the processes unbuffered, where print() writes the text and the newline
+    # separately and two processes' lines can interleave on the shared pipe.
+    sys.stdout.write(f"[process {state.process_index + 1}/{state.num_processes}] {record.user}/{record.concept} v{record.version} ({record.sha256[:12]})\n")
+    sys.stdout.flush()
     return 0
 
 
