@@ -8,10 +8,12 @@ Serving many users from one warm base wants the opposite, so the layers are prep
   ``A`` (bank, max_rank, in[, kh, kw]) and ``Bt`` (bank, max_rank, out). Rows past the rank
   written into a slot are zero, so unused rank contributes nothing;
 * an adapter is *packed* once for these slots (alpha/rank folded into ``Bt``, cast to the model's
-  dtype and device) and switching to it is one ``torch._foreach_copy_`` into a slot. Buffers are
-  allocated once and never move, so a CUDA graph captured over the hooks survives a switch;
-* composing k adapters concatenates their ranks in one slot, each part's ``Bt`` scaled by its weight;
-* a batch whose rows use different adapters gathers each row's ``A``/``Bt`` from the bank and
+  dtype and device). A batch with one adapter set reads the packed tensors where they lie (the
+  adapter cache): switching is a pointer swap, no copy (*bound*);
+* a batch whose rows use different adapters needs them stacked, so each set is copied into a bank
+  slot with one ``torch._foreach_copy_``; composing k adapters concatenates their ranks in one slot,
+  each part's ``Bt`` scaled by its weight. Bank buffers are allocated once and never move (what a
+  captured CUDA graph needs). Each row gathers its ``A``/``Bt`` from the bank and
   runs ``torch.bmm``. When classifier-free guidance doubles the batch the per-row slot list is
   repeated block-wise, so a negative-prompt row gets its prompt row's adapter (as in diffusers,
   where an active LoRA applies to both halves);
@@ -27,7 +29,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +58,7 @@ class RuntimeConfig:
     # Run one-adapter-set batches fused into the UNet weights; None: on CUDA only. Measured with
     # scripts/bench_serving.py (rank 16): on an H200 the slots' eager hooks add 29% (SD1.5) / 43%
     # (SDXL) to a UNet forward and fused weights 0-3%; a fused switch (4.7 / 22 ms) is repaid
-    # within one or two steps. On the CPU the slots cost ~1% and a fused switch ~240 ms. Fusing
+    # within one or two steps. On the CPU the slots cost ~1% and a fused switch ~70 ms. Fusing
     # keeps a pristine copy of the targeted layers, made at the first fuse.
     fuse_single: bool | None = None
 
@@ -69,6 +71,11 @@ class PackedLora:
     a: tuple[torch.Tensor, ...]  # (rank, in[, kh, kw])
     bt: tuple[torch.Tensor, ...]  # (rank, out), alpha/rank folded in
     rank: int
+
+    @cached_property
+    def by_layer(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Slot-layer index -> (A, Bt): what a hook reads when the adapter is bound."""
+        return dict(zip(self.layers, zip(self.a, self.bt)))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.a, *self.bt))
@@ -83,6 +90,7 @@ class _Active:
     rank: int
     slot: int | None = None  # one slot for every row
     rows: torch.Tensor | None = None  # or a slot per request row
+    bound: tuple[tuple[PackedLora, float], ...] = ()  # or packed adapters (and weights) read in place by every row
 
 
 def matches_target(name: str, targets: Sequence[str]) -> bool:
@@ -159,9 +167,7 @@ class LoraSlots:
         Rows a previous occupant used and this one does not are zeroed first (one batched zero),
         and parts with a weight other than 1 are scaled in place (one batched multiply each).
         """
-        total = sum(p.rank for p, _ in parts)
-        if total > self.max_rank:
-            raise AdapterDoesNotFit(f"composed rank {total} is over the runtime's max_rank {self.max_rank}")
+        total = self._check_rank(parts)
         covered_by_all = set.intersection(*(set(p.layers) for p, _ in parts)) if parts else set()
         old = self._ranks[slot]
         zero = []
@@ -187,6 +193,14 @@ class LoraSlots:
                 torch._foreach_mul_(views, weight)
         self._ranks[slot] = total
 
+    def _check_rank(self, parts: Sequence[tuple[PackedLora, float]]) -> int:
+        """The composed rank; over ``max_rank`` it is refused even where it could run (bound), so a set
+        that serves alone also fits a mixed batch."""
+        total = sum(p.rank for p, _ in parts)
+        if total > self.max_rank:
+            raise AdapterDoesNotFit(f"composed rank {total} is over the runtime's max_rank {self.max_rank}")
+        return total
+
     def _slot_views(self, slot: int, offset: int, packed: PackedLora) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Views of ``slot``'s rows ``offset:offset + rank`` in the packed adapter's layers, made once.
 
@@ -205,6 +219,13 @@ class LoraSlots:
     def use(self, slot: int) -> None:
         """Every row uses ``slot`` (unfused)."""
         self._set(_Active(self._ranks[slot], slot=slot))
+
+    def bind(self, parts: Sequence[tuple[PackedLora, float]]) -> None:
+        """Every row uses ``parts`` (packed adapter, weight) read where they are: no copy. They must be on the slots' device."""
+        self._set(_Active(self._check_rank(parts), bound=tuple(parts)))
+
+    def can_bind(self, parts: Sequence[tuple[PackedLora, float]]) -> bool:
+        return all(t.device == self.device for p, _ in parts for t in p.a[:1])
 
     def use_rows(self, row_slots: Sequence[int]) -> None:
         """Row ``i`` of a request batch uses ``row_slots[i]``; a CFG-doubled batch repeats the list."""
@@ -261,26 +282,35 @@ class LoraSlots:
         if active is None:
             return None
         x, r = args[0], active.rank
-        a, bt = self.a[i], self.bt[i]
-        if isinstance(layer, nn.Linear):
-            if active.rows is None:
-                h = F.linear(x, a[active.slot, :r])
-                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, r), bt[active.slot, :r])
-            else:
-                n, rows = x.shape[0], self._rows_for(x.shape[0])
-                h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a[rows, :r].transpose(1, 2))
-                out.view(n, -1, out.shape[-1]).baddbmm_(h, bt[rows, :r])
+        if active.bound:
+            for packed, weight in active.bound:
+                pair = packed.by_layer.get(i)
+                if pair is not None:
+                    _add_lora(layer, x, out, *pair, weight)
             return out
-        conv = partial(F.conv2d, bias=None, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+        a, bt = self.a[i], self.bt[i]
         if active.rows is None:
-            h = conv(x, a[active.slot, :r])
-            out.add_(torch.einsum("nrhw,ro->nohw", h, bt[active.slot, :r]))
+            _add_lora(layer, x, out, a[active.slot, :r], bt[active.slot, :r])
+        elif isinstance(layer, nn.Linear):
+            n, rows = x.shape[0], self._rows_for(x.shape[0])
+            h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a[rows, :r].transpose(1, 2))
+            out.view(n, -1, out.shape[-1]).baddbmm_(h, bt[rows, :r])
         else:  # each row's own A: convolve with every slot's A, then keep the row's slot
+            conv = partial(F.conv2d, bias=None, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
             n, rows = x.shape[0], self._rows_for(x.shape[0])
             h = conv(x, a[:, :r].reshape(-1, *a.shape[2:]))
             h = h.view(n, a.shape[0], r, -1)[torch.arange(n, device=h.device), rows]
             out.add_(torch.bmm(bt[rows, :r].transpose(1, 2), h).view(out.shape))
         return out
+
+
+def _add_lora(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, weight: float = 1.0) -> None:
+    """``out += weight * Bt^T A x`` for every row: one adapter's (or slot's) low-rank term of ``layer``."""
+    if isinstance(layer, nn.Linear):
+        out.view(-1, out.shape[-1]).addmm_(F.linear(x, a).reshape(-1, a.shape[0]), bt, alpha=weight)
+    else:
+        h = F.conv2d(x, a, bias=None, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+        out.add_(torch.einsum("nrhw,ro->nohw", h, bt), alpha=weight)
 
 
 @dataclass(frozen=True)
@@ -307,8 +337,9 @@ def set_key(adapter_set: AdapterSet) -> tuple:
 class LoraRuntime:
     """Slots on every LoRA-capable model of a pipeline, and which adapter set each batch row uses.
 
-    Adapter sets stay resident in bank slots (LRU): a batch whose sets are already resident
-    costs no copy at all, and a one-set batch that is already fused costs nothing either.
+    A one-set batch binds the packed tensors (no copy) or, fused, costs nothing when that set is
+    already fused. Mixed batches copy sets into bank slots, where they stay resident (LRU): a
+    batch whose sets are already resident costs no copy at all.
     """
 
     def __init__(self, models: Mapping[str, nn.Module], config: RuntimeConfig = RuntimeConfig()):
@@ -344,7 +375,8 @@ class LoraRuntime:
         """Make row ``i`` of the next batch use ``rows[i]`` (an empty set: the base alone).
 
         A batch with one adapter set on every row runs fused into the UNet when ``fuse`` (default:
-        ``config.fuse_single``; unset: on CUDA), through the slots otherwise.
+        ``config.fuse_single``; unset: on CUDA), else with the packed tensors bound (no copy). Other
+        batches go through bank slots.
         """
         if fuse is None:
             fuse = self.config.fuse_single
@@ -354,20 +386,23 @@ class LoraRuntime:
         distinct = {k: s for k, s in zip(keys, rows) if s}
         if len(distinct) > self.config.bank_size:
             raise ValueError(f"{len(distinct)} adapter sets in one batch; the bank holds {self.config.bank_size}")
-        slot_of = {k: self._place(k, s, set(distinct)) for k, s in distinct.items()}
         if not distinct:
             self._each(lambda slots: slots.disable())
             self._fused = None
-        elif len(distinct) == 1 and all(keys):
-            key, slot = next(iter(slot_of.items()))
+        elif len(distinct) == 1 and all(keys):  # one set for every row: fused, or bound where it lies
+            key, adapter_set = next(iter(distinct.items()))
             for name, slots in self.slots.items():
+                parts = [(packed.parts[name], w) for _, packed, w in adapter_set if name in packed.parts]
                 if name == "unet" and fuse:
                     if self._fused != key:
-                        slots.fuse(slot)
-                else:
-                    slots.use(slot)
+                        slots.fuse(self._place(key, adapter_set, {key}))
+                elif slots.can_bind(parts):
+                    slots.bind(parts)
+                else:  # packed on another device (a host copy for a GPU model): through a bank slot
+                    slots.use(self._place(key, adapter_set, {key}))
             self._fused = key if fuse else None
         else:
+            slot_of = {k: self._place(k, s, set(distinct)) for k, s in distinct.items()}
             row_slots = [slot_of.get(k, EMPTY_SLOT) for k in keys]
             self._each(lambda slots: slots.use_rows(row_slots))
             self._fused = None

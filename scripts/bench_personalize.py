@@ -2,6 +2,7 @@
 
     python scripts/bench_personalize.py                        # full run on the built-in base
     python scripts/bench_personalize.py --quick --out /tmp/q.json   # smoke run: seconds, numbers meaningless
+    python scripts/bench_personalize.py --parts subjects ablation     # skip the several-users part
 
 Three parts, all written to one JSON file and printed as tables:
 
@@ -9,8 +10,9 @@ Three parts, all written to one JSON file and printed as tables:
    preset. Per subject: training wall time, subject fidelity (identity similarity to the photos relative to
    real-vs-real), prompt fidelity over 8 prompts (new backgrounds, positions, accessories, a colour
    change) and prior drift of the plain class prompt against the base alone.
-2. **Ablation**: rank 4 vs 16, prior preservation, text-encoder LoRA and the new token, each
-   flipped from the default, on the first ``--ablation-subjects`` subjects.
+2. **Ablation**: rank 4 vs 16, prior preservation (and its target: the class images' noise or the
+   base's own prediction), text-encoder LoRA and the new token, each flipped from the default, on
+   the first ``--ablation-subjects`` subjects.
 3. **Several users in one job**: K subjects trained together (each row routed to its own user's
    LoRA) against the same K trained one after another: training throughput (images/s) and quality.
 
@@ -61,10 +63,13 @@ class BenchSettings:
     fidelity: FidelitySettings = FidelitySettings()
     ablation_subjects: int = 2
     users_in_job: int = 4
+    parts: tuple[str, ...] = ("subjects", "ablation", "multi_user")  # which of the three parts run
     auto_captions: bool = True  # caption photos with the evaluator's reading, as the CLI does
 
 
-FULL = BenchSettings(subjects=tuple(f"{cls}-0" for cls in world.CLASSES[:5]))
+# 48 class-prompt images per drift measurement: with 24, three seeds of one adapter's class prompt put its identity
+# similarity at 0.39 / 0.35 / 0.35, noise of the size of the 0.05 bar.
+FULL = BenchSettings(subjects=tuple(f"{cls}-0" for cls in world.CLASSES[:5]), fidelity=FidelitySettings(prior_images=48))
 QUICK = BenchSettings(
     subjects=("robot-0", "mug-0"),
     overrides={"steps": 3, "num_class_images": 2, "class_image_steps": 2, "batch_size": 1},
@@ -111,6 +116,7 @@ def ablation_variants(base: Base, settings: BenchSettings) -> list[tuple[str, di
         (f"default (rank {d.rank}, prior {onoff(d.prior_preservation)}, text LoRA {onoff(d.text_encoder_lora)}, new token {onoff(d.new_token)})", {}),
         *[(f"rank {r}", {"rank": r}) for r in (4, 16) if r != d.rank],
         (f"prior {onoff(not d.prior_preservation)}", {"prior_preservation": not d.prior_preservation}),
+        (f"prior distilled {onoff(not d.prior_distill)}", {"prior_distill": not d.prior_distill}),
         (f"text LoRA {onoff(not d.text_encoder_lora)}", {"text_encoder_lora": not d.text_encoder_lora}),
         (f"new token {onoff(not d.new_token)}", {"new_token": not d.new_token}),
     ]
@@ -131,27 +137,37 @@ def table(title: str, header: list[str], rows: list[list]) -> str:
 
 def run(base: Base, settings: BenchSettings, registry: Registry) -> dict:
     class_image_seconds = warm_class_images(base, settings)
-    variants = ablation_variants(base, settings)
-    k = min(settings.users_in_job, len(settings.subjects))
-    runs = len(settings.subjects) + len(variants) * settings.ablation_subjects + 1 + k
+    variants = ablation_variants(base, settings) if "ablation" in settings.parts else []
+    k = min(settings.users_in_job, len(settings.subjects)) if "multi_user" in settings.parts else 0
+    runs = len(settings.subjects) * ("subjects" in settings.parts) + len(variants) * settings.ablation_subjects + (1 + k if k else 0)
     bar = tqdm(total=runs, desc="training runs", unit="run")
-    subjects = [row for name in settings.subjects for row in train(base, [name], settings, registry, bar)]
-    summary = {key: mean_of(subjects, key) for key in ("train_seconds", *QUALITY_KEYS)}
+    results: dict = {"class_image_seconds": class_image_seconds}
+    if "subjects" in settings.parts:
+        subjects = [row for name in settings.subjects for row in train(base, [name], settings, registry, bar)]
+        results.update(subjects=subjects, summary={key: mean_of(subjects, key) for key in ("train_seconds", *QUALITY_KEYS)})
 
-    ablation = []
-    for label, options in variants:
-        rows = [row for name in settings.subjects[: settings.ablation_subjects] for row in train(base, [name], settings, registry, bar, **options)]
-        ablation.append({"variant": label, "options": options, **{k: mean_of(rows, k) for k in ("train_seconds", *QUALITY_KEYS)}})
+    if variants:
+        ablation = []
+        for label, options in variants:
+            rows = [row for name in settings.subjects[: settings.ablation_subjects] for row in train(base, [name], settings, registry, bar, **options)]
+            ablation.append({"variant": label, "options": options, **{k: mean_of(rows, k) for k in ("train_seconds", *QUALITY_KEYS)}})
+        results["ablation"] = ablation
+    if k:
+        results["multi_user"] = multi_user(base, settings, registry, bar, k)
+    bar.close()
+    return results
 
+
+def multi_user(base: Base, settings: BenchSettings, registry: Registry, bar: tqdm, k: int) -> dict:
+    """K subjects in one job against the same K trained one after another."""
     names = list(settings.subjects[:k])
     together = train(base, names, settings, registry, bar)
     alone = [row for name in names for row in train(base, [name], settings, registry, bar)]
-    bar.close()
     per_step = images_per_step(base, settings, 1)
     steps = together[0]["steps"]
     joint_rate = k * per_step * steps / together[0]["loop_seconds"]
     sequential_rate = k * per_step * steps / sum(r["loop_seconds"] for r in alone)
-    multi_user = {
+    return {
         "users": k,
         "images_per_s_one_job": joint_rate,
         "images_per_s_sequential": sequential_rate,
@@ -161,38 +177,36 @@ def run(base: Base, settings: BenchSettings, registry: Registry) -> dict:
         "quality_one_job": {key: mean_of(together, key) for key in QUALITY_KEYS},
         "quality_sequential": {key: mean_of(alone, key) for key in QUALITY_KEYS},
     }
-    return {
-        "class_image_seconds": class_image_seconds,
-        "subjects": subjects,
-        "summary": summary,
-        "ablation": ablation,
-        "multi_user": multi_user,
-    }
 
 
 def report(results: dict) -> str:
     cols = ["train s", "subject fid", "prompt fid", "drift class acc", "drift identity"]
-    subjects = table(
-        "Subjects (targets: train <= 180 s, subject >= 0.85x, prompt >= 80%, |drift| <= 0.05)",
-        ["subject", *cols],
-        [[r["subject"], r["train_seconds"], *[r.get(k, float("nan")) for k in QUALITY_KEYS]] for r in results["subjects"]]
-        + [["mean", *[results["summary"][k] for k in ("train_seconds", *QUALITY_KEYS)]]],
-    )
-    ablation = table(
-        "Ablation (mean over the ablation subjects)",
-        ["variant", *cols],
-        [[r["variant"], r["train_seconds"], *[r[k] for k in QUALITY_KEYS]] for r in results["ablation"]],
-    )
-    m = results["multi_user"]
-    multi = table(
-        f"{m['users']} users in one job vs one after another (target: throughput ratio >= 2 at equal quality)",
-        ["mode", "images/s", "train s", "subject fid", "prompt fid"],
-        [
-            ["one job", m["images_per_s_one_job"], m["train_seconds_one_job"], m["quality_one_job"]["subject_fidelity"], m["quality_one_job"]["prompt_fidelity"]],
-            ["sequential", m["images_per_s_sequential"], m["train_seconds_sequential"], m["quality_sequential"]["subject_fidelity"], m["quality_sequential"]["prompt_fidelity"]],
-        ],
-    )
-    return "\n\n".join([subjects, ablation, multi, f"throughput ratio: {m['throughput_ratio']:.2f}x; class images (once): {results['class_image_seconds']:.1f} s"])
+    tables = []
+    if "subjects" in results:
+        tables.append(table(
+            "Subjects (targets: train <= 180 s, subject >= 0.85x, prompt >= 80%, |drift| <= 0.05)",
+            ["subject", *cols],
+            [[r["subject"], r["train_seconds"], *[r.get(k, float("nan")) for k in QUALITY_KEYS]] for r in results["subjects"]]
+            + [["mean", *[results["summary"][k] for k in ("train_seconds", *QUALITY_KEYS)]]],
+        ))
+    if "ablation" in results:
+        tables.append(table(
+            "Ablation (mean over the ablation subjects)",
+            ["variant", *cols],
+            [[r["variant"], r["train_seconds"], *[r[k] for k in QUALITY_KEYS]] for r in results["ablation"]],
+        ))
+    if "multi_user" in results:
+        m = results["multi_user"]
+        tables.append(table(
+            f"{m['users']} users in one job vs one after another (target: throughput ratio >= 2 at equal quality)",
+            ["mode", "images/s", "train s", "subject fid", "prompt fid"],
+            [
+                ["one job", m["images_per_s_one_job"], m["train_seconds_one_job"], m["quality_one_job"]["subject_fidelity"], m["quality_one_job"]["prompt_fidelity"]],
+                ["sequential", m["images_per_s_sequential"], m["train_seconds_sequential"], m["quality_sequential"]["subject_fidelity"], m["quality_sequential"]["prompt_fidelity"]],
+            ],
+        ))
+        tables.append(f"throughput ratio: {m['throughput_ratio']:.2f}x")
+    return "\n\n".join([*tables, f"class images (once): {results['class_image_seconds']:.1f} s"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -203,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ablation-subjects", type=int, default=None, help="subjects per ablation variant (default: 2, quick: 1)")
     parser.add_argument("--users-in-job", type=int, default=None, help="K for the several-users comparison (default: 4, quick: 2)")
     parser.add_argument("--bare-captions", action="store_true", help="train on 'a {trigger} {class}' instead of the evaluator's captions")
+    parser.add_argument("--parts", nargs="+", choices=BenchSettings.parts, default=None, help="run only these parts (default: all three)")
     parser.add_argument("--registry", default=None, help="registry folder (default: a temporary one)")
     parser.add_argument("--out", default="runs/bench_personalize.json")
     args = parser.parse_args(argv)
@@ -216,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
         settings = replace(settings, preset=args.preset)
     if args.bare_captions:
         settings = replace(settings, auto_captions=False)
+    if args.parts:
+        settings = replace(settings, parts=tuple(args.parts))
     base = load_base(args.base)
     if base.defaults.stand_in:
         print("note: the base is an untrained stand-in; fidelity numbers are meaningless until the trained base ships")
@@ -224,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = run(base, settings, registry)
     results.update(
         targets=TARGETS,
-        settings={"quick": args.quick, "subjects": list(settings.subjects), "photos": settings.photos, "preset": settings.preset, "auto_captions": settings.auto_captions,
+        settings={"quick": args.quick, "parts": list(settings.parts), "subjects": list(settings.subjects), "photos": settings.photos, "preset": settings.preset, "auto_captions": settings.auto_captions,
                   "overrides": settings.overrides, "fidelity": settings.fidelity.__dict__, "config": resolve_config(base, settings.preset, **settings.overrides).to_record()},
         environment={"base": args.base, "base_fingerprint": base.fingerprint, "stand_in": base.defaults.stand_in, "device": str(base.device),
                      "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),

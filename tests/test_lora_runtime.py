@@ -60,23 +60,36 @@ def one_set(runtime, weighted, key="s"):
     return tuple((f"{key}{i}", runtime.pack(a, f"adapter {i}"), w) for i, (a, w) in enumerate(weighted))
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["slots", "fused"])
-def test_single_adapter_matches_diffusers(unet, spec, fuse):
+def runtime_for(unet, path, monkeypatch, **config):
+    """A runtime whose one-set batches take ``path``: bound (read in place), a bank slot, or fused."""
+    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(**{**CONFIG.__dict__, "fuse_single": path == "fused", **config}))
+    if path == "bank":  # what a host-packed adapter on a GPU model takes
+        monkeypatch.setattr(runtime.slots["unet"], "can_bind", lambda parts: False)
+    return runtime
+
+
+PATHS = ["bound", "bank", "fused"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_single_adapter_matches_diffusers(unet, spec, path, monkeypatch):
     adapter = make(spec, 1, rank=4, alpha=6.0)  # alpha != rank: the scale must be honoured
     x = inputs(2)
     expected = forward(diffusers_reference(unet, [(adapter, 1.0)]), *x)
     assert (expected - forward(unet, *x)).abs().max() > 0.1  # the reference really carries the adapter
-    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(**{**CONFIG.__dict__, "fuse_single": fuse}))
+    runtime = runtime_for(unet, path, monkeypatch)
     runtime.activate([one_set(runtime, [(adapter, 1.0)])] * 2)
     torch.testing.assert_close(forward(unet, *x), expected, **TOL)
+    bank_used = any(t.abs().sum() > 0 for t in runtime.slots["unet"].a)
+    assert bank_used == (path != "bound")  # a bound adapter is read where it lies: nothing is copied
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["slots", "fused"])
-def test_two_adapters_composed_with_weights_match_set_adapters(unet, spec, fuse):
+@pytest.mark.parametrize("path", PATHS)
+def test_two_adapters_composed_with_weights_match_set_adapters(unet, spec, path, monkeypatch):
     weighted = [(make(spec, 1, rank=4, alpha=8.0), 0.7), (make(spec, 2, rank=8, alpha=4.0), -0.4)]
     x = inputs(2)
     expected = forward(diffusers_reference(unet, weighted), *x)
-    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(**{**CONFIG.__dict__, "fuse_single": fuse}))
+    runtime = runtime_for(unet, path, monkeypatch)
     runtime.activate([one_set(runtime, weighted)] * 2)
     torch.testing.assert_close(forward(unet, *x), expected, **TOL)
 

@@ -108,12 +108,13 @@ def test_sdxl_trains_both_text_encoders_with_checkpointing_and_accumulation(tiny
     assert len(result.loss_curve) == 2 and all(np.isfinite(result.loss_curve))
 
 
-def test_users_trained_together_get_the_adapters_they_would_get_alone(tiny_sd_dir, tmp_path):
+@pytest.mark.parametrize("prior_distill", [False, True], ids=["prior-images", "prior-distilled"])
+def test_users_trained_together_get_the_adapters_they_would_get_alone(tiny_sd_dir, tmp_path, prior_distill):
     base = load_base(tiny_sd_dir)
     for name in ("mug-1", "cat-2"):
         save_sample_subject(name, tmp_path / name, n=2)
     jobs = [TrainJob("u1", "a", tmp_path / "mug-1", "mug", seed=1), TrainJob("u2", "b", tmp_path / "cat-2", "cat", seed=2)]
-    cfg = resolve_config(base, steps=3, lr=1e-2, warmup_steps=0, **FAST)
+    cfg = resolve_config(base, steps=3, lr=1e-2, warmup_steps=0, prior_distill=prior_distill, **FAST)
     together = train_adapters(base, jobs, cfg)
     for job, joint in zip(jobs, together):
         (alone,) = train_adapters(base, [job], cfg)
@@ -122,6 +123,20 @@ def test_users_trained_together_get_the_adapters_they_would_get_alone(tiny_sd_di
             torch.testing.assert_close(tensor, alone.adapter.tensors[key], rtol=1e-3, atol=1e-5)
         assert joint.loss_curve == pytest.approx(alone.loss_curve, rel=1e-4)
     assert together[0].metrics["users_in_job"] == 2.0
+
+
+def test_distilled_prior_is_zero_while_the_adapter_is_the_base(tiny_sd_dir, photos):
+    """With a vanishing learning rate the LoRA stays ~zero, so the model is the base and class rows regressed
+    on the base's own prediction add nothing: the loss equals the instance rows' alone. Class rows
+    regressed on the class images' noise do add to it."""
+    base = load_base(tiny_sd_dir)
+    job = [TrainJob("dora", "m", photos, "mug")]
+    frozen = dict(steps=3, lr=1e-12, token_lr=1e-12, warmup_steps=0, **FAST)
+    instance_only = train_adapters(base, job, resolve_config(base, prior_weight=0.0, **frozen))[0].loss_curve
+    distilled = train_adapters(base, job, resolve_config(base, prior_distill=True, **frozen))[0].loss_curve
+    noise_target = train_adapters(base, job, resolve_config(base, **frozen))[0].loss_curve
+    assert distilled == pytest.approx(instance_only, rel=1e-4)
+    assert all(n > d + 1e-3 for n, d in zip(noise_target, distilled))
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_sd_dir, photos, tmp_path):
@@ -266,8 +281,10 @@ def test_bench_quick_writes_the_expected_json(tiny_sd_dir, tmp_path):
     row = data["subjects"][0]
     assert {"subject", "train_seconds", "evaluate_seconds", "subject_fidelity", "prompt_fidelity", "prior_drift_class_accuracy", "prior_drift_identity"} <= set(row)
     labels = [r["variant"] for r in data["ablation"]]
-    assert labels[0].startswith("default") and {"rank 4", "rank 16"} <= set(labels) and len(labels) == 6
+    assert labels[0].startswith("default") and {"rank 4", "rank 16", "prior distilled on"} <= set(labels) and len(labels) == 7
     assert {"throughput_ratio", "images_per_s_one_job", "images_per_s_sequential", "quality_one_job"} <= set(data["multi_user"])
+    bench_personalize.main(["--quick", "--base", tiny_sd_dir, "--parts", "subjects", "--out", str(out)])
+    assert not {"ablation", "multi_user"} & set(json.loads(out.read_text()))  # only the part asked for ran
 
 
 def test_train_step_bench_quick_compares_both_recipes_on_both_families(tmp_path):
@@ -311,3 +328,26 @@ def test_fidelity_metrics_rate_real_renders_as_faithful():
     for caption, spec in zip(captions, subject_specs(instance, 4)):
         stated = stated_attributes(caption.format(trigger="<robo>"))
         assert "{trigger} robot" in caption and (stated["background"], stated["scene"]) == (spec.background, spec.scene)
+
+
+@pytest.mark.parametrize("users", [1, 2])
+def test_base_only_runs_the_base_with_live_lora_and_leaves_it_trainable(tiny_sd_dir, users):
+    """What the distilled prior regresses on: the base's prediction even while the LoRA is far from zero."""
+    from adapters.train.lora import LoraSpec, attach
+
+    base = load_base(tiny_sd_dir)
+    unet = base.pipe.unet
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = unet(x, t, context).sample
+    spec = LoraSpec(4, 4.0, 0.0, ("to_q", "to_k", "to_v", "to_out.0"), None, ((),) * users, ("mug",) * users, tuple(range(users)))
+    with attach(base, spec) as lora, torch.no_grad(), lora.rows([0, users - 1]):
+        for p in lora.user_parameters(0)["unet"]:
+            p.add_(0.5)
+        assert (unet(x, t, context).sample - expected).abs().max() > 1e-2  # the LoRA is live
+        with lora.base_only():
+            torch.testing.assert_close(unet(x[:1], t[:1], context[:1]).sample, expected[:1], rtol=1e-4, atol=1e-5)
+        assert all(p.requires_grad for k in range(users) for p in lora.user_parameters(k)["unet"])
+        assert (unet(x, t, context).sample - expected).abs().max() > 1e-2  # and live again after
+

@@ -54,6 +54,10 @@ class TrainConfig:
     # prior preservation
     prior_preservation: bool = _opt(True, "regularize with images the base generates for the plain class prompt")
     prior_weight: float = _opt(1.0, "weight of the prior-preservation loss")
+    prior_distill: bool = _opt(
+        False, "class rows regress on the base's own prediction (LoRA off) instead of the class image's noise: "
+        "the class prompt is held to what the base does, not to a few samples of it"
+    )
     num_class_images: int = _opt(50, "class images to generate (once per base and class word; cached)")
     class_prompt: str | None = _opt(None, "prompt for class images (default: 'a {class_word}')")
     class_image_steps: int | None = _opt(None, "denoising steps for class images (default: the base's)")

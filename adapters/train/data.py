@@ -242,6 +242,7 @@ class Batch:
     time_ids: torch.Tensor | None  # SDXL: (original h, w, crop top, left, target h, w) per row
     users: torch.Tensor  # (rows,) user index
     weights: torch.Tensor  # (rows,) loss weight: 1/B for instance rows, prior_weight/B for class rows
+    prior: torch.Tensor  # (rows,) bool: a class row (prior preservation)
 
 
 @dataclass
@@ -290,10 +291,10 @@ class TrainingData:
 
     def batch(self, step: int, micro: int, process: int) -> Batch:
         parts = [self._rows(k, u, step, micro, process) for k, u in enumerate(self.users)]
-        latents, noise, timesteps, captions, time_ids, users, weights = zip(*parts)
+        latents, noise, timesteps, captions, time_ids, users, weights, prior = zip(*parts)
         return Batch(
             torch.cat(latents), torch.cat(noise), torch.cat(timesteps), [c for cs in captions for c in cs],
-            torch.cat(time_ids), torch.cat(users), torch.cat(weights),
+            torch.cat(time_ids), torch.cat(users), torch.cat(weights), torch.cat(prior),
         )
 
     def _rows(self, k: int, u: _UserData, step: int, micro: int, process: int):
@@ -321,4 +322,5 @@ class TrainingData:
         noise = torch.randn(mean.shape, generator=g).to(self.device)
         timesteps = torch.randint(0, self.timesteps, (rows,), generator=g).to(self.device)
         users = torch.full((rows,), k, dtype=torch.long)
-        return latents, noise, timesteps, captions, time_ids, users, torch.cat(weights)
+        prior = torch.arange(rows) >= b  # instance rows, then class rows
+        return latents, noise, timesteps, captions, time_ids, users, torch.cat(weights), prior

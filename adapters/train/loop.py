@@ -147,13 +147,22 @@ def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerat
     unet, dtype = models["unet"], base.dtype
     prediction = scheduler.config.prediction_type
 
+    def predict(noisy: torch.Tensor, timesteps: torch.Tensor, captions: list[str], time_ids: torch.Tensor) -> torch.Tensor:
+        hidden, pooled = condition(captions)
+        extra = {} if pooled is None else {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(accelerator.device, dtype)}}
+        return unet(noisy.to(dtype), timesteps, hidden.to(dtype), **extra).sample
+
     def user_losses(batch: Batch) -> torch.Tensor:
         """Each user's loss: mean over their instance rows plus prior_weight times mean over class rows."""
         noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
         target = {"epsilon": batch.noise, "v_prediction": scheduler.get_velocity(batch.latents, batch.noise, batch.timesteps), "sample": batch.latents}[prediction]
-        hidden, pooled = condition(batch.captions)
-        extra = {} if pooled is None else {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": batch.time_ids.to(accelerator.device, dtype)}}
-        pred = unet(noisy.to(dtype), batch.timesteps, hidden.to(dtype), **extra).sample
+        pred = predict(noisy, batch.timesteps, batch.captions, batch.time_ids)
+        if cfg.prior_distill and batch.prior.any():
+            rows = batch.prior.to(noisy.device)
+            with torch.no_grad(), lora.base_only():
+                held = predict(noisy[rows], batch.timesteps[rows], [c for c, p in zip(batch.captions, batch.prior.tolist()) if p], batch.time_ids[batch.prior])
+            target = target.clone()
+            target[rows] = held.to(target.dtype)
         per_row = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
             per_row = per_row * _min_snr_weights(scheduler, batch.timesteps, cfg.min_snr_gamma, prediction)

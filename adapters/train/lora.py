@@ -221,6 +221,25 @@ class Attachment:
         """Every forward pass inside uses user k's adapter only (for sampling)."""
         return self.router.route(adapter_name(k)) if self.router else contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def base_only(self) -> Iterator[None]:
+        """Forward passes inside run the base alone: every LoRA layer off, ``requires_grad`` untouched.
+
+        (peft's ``enable_adapters(False)`` also changes ``requires_grad``, which would freeze the
+        adapters being trained.) Rows are routed to peft's ``"__base__"`` too, so a multi-user
+        router does not hand a smaller batch the full batch's per-row names.
+        """
+        layers = [m for model in self._models.values() for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        routed = self.router.route("__base__") if self.router else contextlib.nullcontext()
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            with routed:
+                yield
+        finally:
+            for layer in layers:
+                layer._disable_adapters = False
+
     def rows(self, users: Sequence[int]) -> contextlib.AbstractContextManager:
         """Row i of every forward pass inside uses user ``users[i]``'s adapter.
 
