@@ -1,6 +1,6 @@
 """Benchmark: load a base, then generate 4 images in 25 steps; print a table and write JSON.
 
-    python scripts/bench_sampling.py --base builtin --repeats 5 --out bench_sampling.json
+    python scripts/bench_sampling.py --base builtin --repeats 5 --out docs/bench_sampling.json
 
 Reports the load time and the median/min generation time over repeats (the first generation,
 which warms caches, is timed separately). The issue's bar for the built-in base on a 2-core CPU
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="bench_sampling.json")
+    parser.add_argument("--out", default="runs/bench_sampling.json")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
@@ -64,6 +64,7 @@ def main() -> None:
     }
     print(f"{'base':<10}{'device':<8}{'size':>6}{'images':>8}{'steps':>7}{'load s':>9}{'1st gen s':>11}{'median s':>10}{'load+1st s':>12}")
     print(f"{row['base']:<10}{row['device']:<8}{row['size']:>6}{row['num_images']:>8}{row['steps']:>7}{load_s:>9.2f}{first:>11.2f}{row['generate_median_s']:>10.2f}{row['load_plus_generate_s']:>12.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(row, indent=2))
 
 

@@ -357,7 +357,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke mode: tiny UNet, few repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per forward variant")
-    parser.add_argument("--out", default="bench_serving.json")
+    parser.add_argument("--out", default="runs/bench_serving.json")
     args = parser.parse_args()
     diffusers_logging.set_verbosity_error()
     device = torch.device(args.device)
@@ -368,6 +368,7 @@ def main() -> None:
     else:
         cases = [UnetCase("sd15-small-latent", SD15_UNET, 8, torch.float32, reps=args.reps or 5)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     result: dict = {"device": name, "torch": torch.__version__, "targets": TARGETS, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:

@@ -193,7 +193,7 @@ def free(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke mode: tiny pipelines on the CPU")
-    parser.add_argument("--out", default="bench_train_step.json")
+    parser.add_argument("--out", default="runs/bench_train_step.json")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: 30, quick: 4)")
     args = parser.parse_args()
     diffusers_logging.set_verbosity_error()
@@ -205,6 +205,7 @@ def main() -> None:
     cases = [Case("sd15", "sd", steps, 1 if quick else 5), Case("sdxl", "sdxl", steps, 1 if quick else 5)]
     build = tiny_pipeline if quick else full_size_pipeline
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     result: dict = {"device": card, "torch": torch.__version__, "rank": 4, "batch": 1, "precision": mixed, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
