@@ -47,8 +47,11 @@ DREAMBENCH_PAPER = {  # Ruiz et al. 2023, DreamBench on Stable Diffusion
     "textual_inversion": {"DINO": 0.569, "CLIP-I": 0.780, "CLIP-T": 0.255},
     "real_images": {"DINO": 0.774, "CLIP-I": 0.885},
 }
+# The paper's recipe: class rows regress on the class images' noise under the plain class prompt (our
+# presets may hold the prior differently; see adapters.train.config).
+PAPER_PRIOR = {"prior_preservation": True, "prior_distill": False, "class_prompt": "a {class_word}"}
 METHODS: dict[str, tuple[str, dict]] = {
-    "dreambooth_lora": ("DreamBooth-LoRA, prior preservation", {"new_token": False, "trigger": "sks", "prior_preservation": True}),
+    "dreambooth_lora": ("DreamBooth-LoRA, prior preservation", {"new_token": False, "trigger": "sks", **PAPER_PRIOR}),
     "dreambooth_lora_no_prior": ("DreamBooth-LoRA, no prior preservation", {"new_token": False, "trigger": "sks", "prior_preservation": False}),
     "textual_inversion": (
         "Textual inversion (new token only)",

@@ -10,9 +10,9 @@ Three parts, all written to one JSON file and printed as tables:
    preset. Per subject: training wall time, subject fidelity (identity similarity to the photos relative to
    real-vs-real), prompt fidelity over 8 prompts (new backgrounds, positions, accessories, a colour
    change) and prior drift of the plain class prompt against the base alone.
-2. **Ablation**: rank 4 vs 16, prior preservation (and its target: the class images' noise or the
-   base's own prediction), text-encoder LoRA and the new token, each flipped from the default, on
-   the first ``--ablation-subjects`` subjects.
+2. **Ablation**: rank 4 vs 16, prior preservation (and its target: the class images' noise, the
+   base's own prediction, or that plus the photos' captions without the trigger), text-encoder LoRA
+   and the new token, each flipped from the default, on the first ``--ablation-subjects`` subjects.
 3. **Several users in one job**: K subjects trained together (each row routed to its own user's
    LoRA) against the same K trained one after another: training throughput (images/s) and quality.
 
@@ -108,15 +108,23 @@ def warm_class_images(base: Base, settings: BenchSettings) -> float:
     return time.perf_counter() - started
 
 
+PRIOR_TARGETS = {  # how class rows are held: the studied kinds of prior preservation
+    "class images' noise": {"prior_distill": False, "prior_context": False},
+    "base's prediction": {"prior_distill": True, "prior_context": False},
+    "base's prediction + photo contexts": {"prior_distill": True, "prior_context": True},
+}
+
+
 def ablation_variants(base: Base, settings: BenchSettings) -> list[tuple[str, dict]]:
-    """The default, then each studied option flipped (rank: both 4 and 16)."""
+    """The default, then each studied option flipped (rank: both 4 and 16; the prior: off and each other target)."""
     d = resolve_config(base, settings.preset, **settings.overrides)
     onoff = lambda flag: "on" if flag else "off"  # noqa: E731
+    target = next(name for name, o in PRIOR_TARGETS.items() if all(getattr(d, k) == v for k, v in o.items()))
     return [
-        (f"default (rank {d.rank}, prior {onoff(d.prior_preservation)}, text LoRA {onoff(d.text_encoder_lora)}, new token {onoff(d.new_token)})", {}),
+        (f"default (rank {d.rank}, prior {f'on the {target}' if d.prior_preservation else 'off'}, text LoRA {onoff(d.text_encoder_lora)}, new token {onoff(d.new_token)})", {}),
         *[(f"rank {r}", {"rank": r}) for r in (4, 16) if r != d.rank],
         (f"prior {onoff(not d.prior_preservation)}", {"prior_preservation": not d.prior_preservation}),
-        (f"prior distilled {onoff(not d.prior_distill)}", {"prior_distill": not d.prior_distill}),
+        *[(f"prior on the {name}", options) for name, options in PRIOR_TARGETS.items() if name != target],
         (f"text LoRA {onoff(not d.text_encoder_lora)}", {"text_encoder_lora": not d.text_encoder_lora}),
         (f"new token {onoff(not d.new_token)}", {"new_token": not d.new_token}),
     ]

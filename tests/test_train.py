@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from adapters.registry import Registry
 from adapters.samples import save_sample_subject
 from adapters.train import TrainingDiverged, TrainJob, personalize, resolve_config, train_adapters
 from adapters.train.config import add_config_arguments, overrides_from_args, profile_of
-from adapters.train.data import class_image_folder, class_images
+from adapters.train.data import TrainingData, class_image_folder, class_images, prepare_jobs
 from adapters.train.loop import _min_snr_weights
 from gen.base import Base, fingerprint_pipeline, load_base
 from gen.errors import InvalidRequest
@@ -108,13 +109,13 @@ def test_sdxl_trains_both_text_encoders_with_checkpointing_and_accumulation(tiny
     assert len(result.loss_curve) == 2 and all(np.isfinite(result.loss_curve))
 
 
-@pytest.mark.parametrize("prior_distill", [False, True], ids=["prior-images", "prior-distilled"])
+@pytest.mark.parametrize("prior_distill", [False, True], ids=["prior-images", "prior-distilled-with-context"])
 def test_users_trained_together_get_the_adapters_they_would_get_alone(tiny_sd_dir, tmp_path, prior_distill):
     base = load_base(tiny_sd_dir)
     for name in ("mug-1", "cat-2"):
         save_sample_subject(name, tmp_path / name, n=2)
     jobs = [TrainJob("u1", "a", tmp_path / "mug-1", "mug", seed=1), TrainJob("u2", "b", tmp_path / "cat-2", "cat", seed=2)]
-    cfg = resolve_config(base, steps=3, lr=1e-2, warmup_steps=0, prior_distill=prior_distill, **FAST)
+    cfg = resolve_config(base, steps=3, lr=1e-2, warmup_steps=0, prior_distill=prior_distill, prior_context=prior_distill, **FAST)
     together = train_adapters(base, jobs, cfg)
     for job, joint in zip(jobs, together):
         (alone,) = train_adapters(base, [job], cfg)
@@ -134,9 +135,29 @@ def test_distilled_prior_is_zero_while_the_adapter_is_the_base(tiny_sd_dir, phot
     frozen = dict(steps=3, lr=1e-12, token_lr=1e-12, warmup_steps=0, **FAST)
     instance_only = train_adapters(base, job, resolve_config(base, prior_weight=0.0, **frozen))[0].loss_curve
     distilled = train_adapters(base, job, resolve_config(base, prior_distill=True, **frozen))[0].loss_curve
+    in_context = train_adapters(base, job, resolve_config(base, prior_distill=True, prior_context=True, **frozen))[0].loss_curve
     noise_target = train_adapters(base, job, resolve_config(base, **frozen))[0].loss_curve
     assert distilled == pytest.approx(instance_only, rel=1e-4)
+    assert in_context == pytest.approx(instance_only, rel=1e-4)
     assert all(n > d + 1e-3 for n, d in zip(noise_target, distilled))
+
+
+@pytest.mark.parametrize("prior_context", [False, True])
+def test_class_rows_carry_the_class_prompt_or_the_photos_captions_without_the_trigger(tiny_sd_dir, photos, prior_context):
+    base = load_base(tiny_sd_dir)
+    cfg = resolve_config(base, "quick", batch_size=2, prior_distill=True, prior_context=prior_context)
+    templates = ["a large {trigger} mug on the left", "{trigger} {class_word} against blue stripes", "one {trigger} mug, in the center"]
+    (job,) = prepare_jobs([TrainJob("u", "m", photos, "mug", captions=templates)], cfg)
+    data = TrainingData([job], [[Image.new("RGB", (64, 64), "gray")] * 2], base.pipe.vae, cfg, torch.device("cpu"), 1000)
+    batches = [data.batch(step, 0, 0) for step in range(24)]
+    class_rows = [c for b in batches for c, prior in zip(b.captions, b.prior.tolist()) if prior]
+    contexts = {"a large mug on the left", "mug against blue stripes", "one mug, in the center"}
+    assert all(job.trigger not in c for c in class_rows)
+    if prior_context:  # every other class row: the class prompt, then a photo's caption minus its trigger
+        assert class_rows.count("a mug") == len(class_rows) // 2 and set(class_rows) == {"a mug", *contexts}
+        assert contexts <= set(data.captions())  # encoded once, with the rest
+    else:
+        assert set(class_rows) == {"a mug"}
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_sd_dir, photos, tmp_path):
@@ -183,12 +204,15 @@ def test_presets_options_and_command_line_flags(tiny_sd_dir):
     assert (cfg.resolution, cfg.alpha, cfg.mixed_precision, cfg.text_lr) == (64, float(cfg.rank), "no", cfg.lr)
     assert resolve_config(base, "best").rank > resolve_config(base, "quick").rank
     assert resolve_config(base, "balanced", trigger="zwx").new_token is False  # an explicit trigger replaces the new token
+    assert resolve_config(base).prior_context and not resolve_config(base, prior_distill=False).prior_context  # so do prior switches
+    assert not resolve_config(base, prior_preservation=False).prior_context
     for options, message in [
         ({"rnak": 4}, "unknown training option 'rnak'"),
         ({"rank": 0}, "rank must be between 1 and 1024"),
         ({"resolution": 63}, "resolution must be a multiple of 2"),
         ({"mixed_precision": "fp16"}, "fp16 needs a CUDA device"),
         ({"trigger": "zwx", "new_token": True}, "either a trigger or new_token"),
+        ({"prior_distill": False, "prior_context": True}, "prior_context needs prior_preservation and prior_distill"),
     ]:
         with pytest.raises(InvalidRequest, match=message):
             resolve_config(base, **options)
@@ -281,7 +305,8 @@ def test_bench_quick_writes_the_expected_json(tiny_sd_dir, tmp_path):
     row = data["subjects"][0]
     assert {"subject", "train_seconds", "evaluate_seconds", "subject_fidelity", "prompt_fidelity", "prior_drift_class_accuracy", "prior_drift_identity"} <= set(row)
     labels = [r["variant"] for r in data["ablation"]]
-    assert labels[0].startswith("default") and {"rank 4", "rank 16", "prior distilled on"} <= set(labels) and len(labels) == 7
+    prior_targets = {"prior on the class images' noise", "prior on the base's prediction"}  # the default holds it on both
+    assert labels[0].startswith("default") and {"rank 4", "rank 16", "prior off", *prior_targets} <= set(labels) and len(labels) == 8
     assert {"throughput_ratio", "images_per_s_one_job", "images_per_s_sequential", "quality_one_job"} <= set(data["multi_user"])
     bench_personalize.main(["--quick", "--base", tiny_sd_dir, "--parts", "subjects", "--out", str(out)])
     assert not {"ablation", "multi_user"} & set(json.loads(out.read_text()))  # only the part asked for ran

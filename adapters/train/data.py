@@ -255,6 +255,7 @@ class _UserData:
     class_std: torch.Tensor | None
     class_caption: str
     seed: int
+    context_captions: list[str]  # the captions without the trigger: "a large house on the left"
 
 
 class TrainingData:
@@ -284,10 +285,12 @@ class TrainingData:
             class_mean, class_std = class_latents[job.class_prompt] if class_set else (None, None)
             time_ids = torch.tensor([[*e.original_size, *e.crop_top_left, r, r] for e in job.examples], dtype=torch.float32)
             captions = [fit(e.caption) for e in job.examples]
-            self.users.append(_UserData(mean, std, captions, time_ids, class_mean, class_std, fit(job.class_prompt), job.seed))
+            context = [" ".join(c.replace(job.trigger, " ").split()) for c in captions]
+            self.users.append(_UserData(mean, std, captions, time_ids, class_mean, class_std, fit(job.class_prompt), job.seed, context))
 
     def captions(self) -> list[str]:
-        return [c for u in self.users for c in [*u.captions, u.class_caption]]
+        context = [c for u in self.users for c in u.context_captions] if self.cfg.prior_context else []
+        return [c for u in self.users for c in [*u.captions, u.class_caption]] + context
 
     def batch(self, step: int, micro: int, process: int) -> Batch:
         parts = [self._rows(k, u, step, micro, process) for k, u in enumerate(self.users)]
@@ -313,7 +316,7 @@ class TrainingData:
             cls_view = rng.integers(views, size=b)
             mean = torch.cat([mean, u.class_mean[cls, cls_view]])
             std = torch.cat([std, u.class_std[cls, cls_view]])
-            captions += [u.class_caption] * b
+            captions += self._class_captions(u, np.random.default_rng([u.seed, step, micro, process, 1]), b)
             time_ids = torch.cat([time_ids, torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32).expand(b, -1)])
             weights.append(torch.full((b,), cfg.prior_weight / b))
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -324,3 +327,13 @@ class TrainingData:
         users = torch.full((rows,), k, dtype=torch.long)
         prior = torch.arange(rows) >= b  # instance rows, then class rows
         return latents, noise, timesteps, captions, time_ids, users, torch.cat(weights), prior
+
+    def _class_captions(self, u: _UserData, rng: np.random.Generator, b: int) -> list[str]:
+        """The class prompt; with ``prior_context`` every other row (from a random start) a photo's caption without its trigger.
+
+        ``rng`` is the rows' own, so the option changes the captions and nothing else of the batch.
+        """
+        if not self.cfg.prior_context:
+            return [u.class_caption] * b
+        start, pick = int(rng.integers(2)), rng.integers(len(u.context_captions), size=b)
+        return [u.context_captions[i] if (j + start) % 2 else u.class_caption for j, i in enumerate(pick)]

@@ -5,7 +5,9 @@ class images while the base is still untouched, borrow the base (:func:`~adapter
 cache latents and prompt conditioning, then run ``cfg.steps`` optimizer steps. A step draws each
 user's rows (instance photos, and as many class images for prior preservation), noises them at
 random timesteps, and regresses the UNet's output on the scheduler's target (epsilon, v or x0, as
-the base was trained), each row routed through its own user's LoRA. The loss is a sum of per-user
+the base was trained), each row routed through its own user's LoRA. With ``prior_distill`` class rows
+regress on the base's own prediction instead (the LoRA switched off for one no-grad forward), which
+also lets them carry captions their images do not show (``prior_context``). The loss is a sum of per-user
 means, and gradients are clipped per user, so each adapter trains as it would alone.
 
 Several processes (``accelerate launch``) train data-parallel: each draws its own rows and DDP
