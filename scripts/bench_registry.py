@@ -113,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", type=int, default=4, help="LoRA modules per adapter (default 4)")
     parser.add_argument("--root", default=None, help="registry folder (default: a fresh temp folder)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="bench_registry.json", help="JSON report path (default bench_registry.json)")
+    parser.add_argument("--out", default="runs/bench_registry.json", help="JSON report path (default runs/bench_registry.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench_registry_") as tmp:
         root = Path(args.root) if args.root else Path(tmp) / "registry"
         report = run(args.records, args.users, args.samples, args.modules, root, args.seed)
     print_table(report)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
     return 0
