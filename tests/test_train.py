@@ -146,15 +146,16 @@ def test_distilled_prior_is_zero_while_the_adapter_is_the_base(tiny_sd_dir, phot
 def test_class_rows_carry_the_class_prompt_or_the_photos_captions_without_the_trigger(tiny_sd_dir, photos, prior_context):
     base = load_base(tiny_sd_dir)
     cfg = resolve_config(base, "quick", batch_size=2, prior_distill=True, prior_context=prior_context)
-    templates = ["a large {trigger} mug on the left", "{trigger} {class_word} against blue stripes", "one {trigger} mug, in the center"]
+    templates = ["a large {trigger} mug on the left", "{trigger} {class_word} against blue stripes", "{trigger}"]
     (job,) = prepare_jobs([TrainJob("u", "m", photos, "mug", captions=templates)], cfg)
     data = TrainingData([job], [[Image.new("RGB", (64, 64), "gray")] * 2], base.pipe.vae, cfg, torch.device("cpu"), 1000)
     batches = [data.batch(step, 0, 0) for step in range(24)]
     class_rows = [c for b in batches for c, prior in zip(b.captions, b.prior.tolist()) if prior]
-    contexts = {"a large mug on the left", "mug against blue stripes", "one mug, in the center"}
+    contexts = {"a large mug on the left", "mug against blue stripes"}  # "{trigger}" alone leaves the class prompt
     assert all(job.trigger not in c for c in class_rows)
     if prior_context:  # every other class row: the class prompt, then a photo's caption minus its trigger
-        assert class_rows.count("a mug") == len(class_rows) // 2 and set(class_rows) == {"a mug", *contexts}
+        assert class_rows.count("a mug") >= len(class_rows) // 2 and set(class_rows) == {"a mug", *contexts}
+        assert data.users[0].context_captions[2] == "a mug"  # never the empty prompt
         assert contexts <= set(data.captions())  # encoded once, with the rest
     else:
         assert set(class_rows) == {"a mug"}

@@ -285,8 +285,10 @@ class TrainingData:
             class_mean, class_std = class_latents[job.class_prompt] if class_set else (None, None)
             time_ids = torch.tensor([[*e.original_size, *e.crop_top_left, r, r] for e in job.examples], dtype=torch.float32)
             captions = [fit(e.caption) for e in job.examples]
-            context = [" ".join(c.replace(job.trigger, " ").split()) for c in captions]
-            self.users.append(_UserData(mean, std, captions, time_ids, class_mean, class_std, fit(job.class_prompt), job.seed, context))
+            class_caption = fit(job.class_prompt)
+            # a caption that was only the trigger leaves nothing: the class prompt stands in, never the empty prompt
+            context = [" ".join(c.replace(job.trigger, " ").split()) or class_caption for c in captions]
+            self.users.append(_UserData(mean, std, captions, time_ids, class_mean, class_std, class_caption, job.seed, context))
 
     def captions(self) -> list[str]:
         context = [c for u in self.users for c in u.context_captions] if self.cfg.prior_context else []
