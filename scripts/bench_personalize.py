@@ -3,6 +3,7 @@
     python scripts/bench_personalize.py                        # full run on the built-in base
     python scripts/bench_personalize.py --quick --out /tmp/q.json   # smoke run: seconds, numbers meaningless
     python scripts/bench_personalize.py --parts subjects ablation     # skip the several-users part
+    python scripts/bench_personalize.py --parts subjects --subjects robot-5 mug-5 car-5 house-5 cat-5  # the development set
 
 Three parts, all written to one JSON file and printed as tables:
 
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="builtin", help="'builtin' or a diffusers folder of a base trained on the world")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 subjects, 3 steps, tiny evaluation")
+    parser.add_argument("--subjects", nargs="+", default=None, help="held-out subjects to train (default: robot-0 mug-0 car-0 house-0 cat-0); e.g. the development set robot-5 mug-5 car-5 house-5 cat-5")
     parser.add_argument("--preset", default=None, help="training preset for every run (default: balanced)")
     parser.add_argument("--ablation-subjects", type=int, default=None, help="subjects per ablation variant (default: 2, quick: 1)")
     parser.add_argument("--users-in-job", type=int, default=None, help="K for the several-users comparison (default: 4, quick: 2)")
@@ -231,6 +233,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     settings = QUICK if args.quick else FULL
+    if args.subjects:
+        for name in args.subjects:
+            try:
+                subject_instance(name)
+            except ValueError as err:
+                parser.error(str(err))
+        settings = replace(settings, subjects=tuple(args.subjects))
     if args.ablation_subjects is not None:
         settings = replace(settings, ablation_subjects=args.ablation_subjects)
     if args.users_in_job is not None:

@@ -309,8 +309,11 @@ def test_bench_quick_writes_the_expected_json(tiny_sd_dir, tmp_path):
     prior_targets = {"prior on the class images' noise", "prior on the base's prediction"}  # the default holds it on both
     assert labels[0].startswith("default") and {"rank 4", "rank 16", "prior off", *prior_targets} <= set(labels) and len(labels) == 8
     assert {"throughput_ratio", "images_per_s_one_job", "images_per_s_sequential", "quality_one_job"} <= set(data["multi_user"])
-    bench_personalize.main(["--quick", "--base", tiny_sd_dir, "--parts", "subjects", "--out", str(out)])
-    assert not {"ablation", "multi_user"} & set(json.loads(out.read_text()))  # only the part asked for ran
+    bench_personalize.main(["--quick", "--base", tiny_sd_dir, "--parts", "subjects", "--subjects", "cat-5", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert not {"ablation", "multi_user"} & set(data) and [r["subject"] for r in data["subjects"]] == ["cat-5"]  # only what was asked for ran
+    with pytest.raises(SystemExit):
+        bench_personalize.main(["--quick", "--subjects", "robot-500"])  # pretrained on, not held out
 
 
 def test_train_step_bench_quick_compares_both_recipes_on_both_families(tmp_path):
