@@ -12,9 +12,9 @@ Serving many users from one warm base wants the opposite, so the layers are prep
   adapter cache): switching is a pointer swap, no copy (*bound*);
 * a batch whose rows use different adapters needs them stacked, so each set is copied into a bank
   slot with one ``torch._foreach_copy_``; composing k adapters concatenates their ranks in one slot,
-  each part's ``Bt`` scaled by its weight. Bank buffers are allocated once and never move (what a
-  captured CUDA graph needs). Each row gathers its ``A``/``Bt`` from the bank and
-  runs ``torch.bmm``. When classifier-free guidance doubles the batch the per-row slot list is
+  each part's ``Bt`` scaled by its weight. Bank buffers and per-row slot indices are allocated
+  once and filled in place (what a captured CUDA graph needs: :mod:`gen.cuda_graph`). Each row
+  gathers its ``A``/``Bt`` from the bank and runs ``torch.bmm``. When classifier-free guidance doubles the batch the per-row slot list is
   repeated block-wise, so a negative-prompt row gets its prompt row's adapter (as in diffusers,
   where an active LoRA applies to both halves);
 * a batch with one adapter set may instead run *fused*: ``W = W0 + Bt^T A`` written in place into
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen.adapter import LoraAdapter
+from gen.cuda_graph import GraphedCalls
 from gen.errors import InvalidRequest
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -56,21 +57,43 @@ class RuntimeConfig:
     max_rank: int = 64  # total rank of the adapters composed for one request
     bank_size: int = 8  # distinct adapter sets in one batch
     # Run one-adapter-set batches fused into the UNet weights; None: on CUDA only. Measured with
-    # scripts/bench_serving.py (rank 16): on an H200 the slots' eager hooks add 29% (SD1.5) / 43%
-    # (SDXL) to a UNet forward and fused weights 0-3%; a fused switch (4.7 / 22 ms) is repaid
-    # within one or two steps. On the CPU the slots cost ~1% and a fused switch ~70 ms. Fusing
-    # keeps a pristine copy of the targeted layers, made at the first fuse.
+    # scripts/bench_serving.py (rank 16): on an H200 the slots' eager hooks add 21% (SD1.5) / 34%
+    # (SDXL) to a UNet forward and fused weights 0%; a fused switch (0.8 / 4.3 ms, replayed as a
+    # graph) is repaid within the first step. On the CPU the slots cost ~1-3% and a fused switch
+    # ~70 ms. Fusing keeps a pristine copy of the targeted layers, made at the first fuse.
     fuse_single: bool | None = None
 
 
 @dataclass(frozen=True)
 class PackedLora:
-    """One adapter's tensors for one model's slots: per target layer ``A`` and scaled ``Bt``."""
+    """One adapter's tensors for one model's slots: per target layer ``A`` and scaled ``Bt``.
+
+    All of them are views of one flat buffer, so moving an adapter between host and device is one
+    copy rather than one per tensor (an SDXL adapter has ~1,400: per-tensor copies cost 10-100 ms).
+    """
 
     layers: tuple[int, ...]  # slot-layer index of each pair
     a: tuple[torch.Tensor, ...]  # (rank, in[, kh, kw])
     bt: tuple[torch.Tensor, ...]  # (rank, out), alpha/rank folded in
     rank: int
+    flat: torch.Tensor  # the buffer every ``a`` and ``bt`` views
+
+    @classmethod
+    def from_tensors(
+        cls, layers: Sequence[int], a: Sequence[torch.Tensor], bt: Sequence[torch.Tensor], rank: int, flat: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> PackedLora:
+        """View ``a`` and ``bt`` in ``flat``; without one, a new buffer (of ``dtype``) is filled with them."""
+        tensors = (*a, *bt)
+        fill = flat is None
+        if fill:
+            flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype or (tensors[0].dtype if tensors else torch.float32))
+        views, offset = [], 0
+        for t in tensors:
+            views.append(flat[offset : offset + t.numel()].view(t.shape))
+            offset += t.numel()
+        if fill and tensors:
+            torch._foreach_copy_(views, list(tensors))  # one batched copy, casting as it goes
+        return cls(tuple(layers), tuple(views[: len(a)]), tuple(views[len(a) :]), rank, flat)
 
     @cached_property
     def by_layer(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -78,11 +101,16 @@ class PackedLora:
         return dict(zip(self.layers, zip(self.a, self.bt)))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a, *self.bt))
+        return self.flat.numel() * self.flat.element_size()
 
     def to(self, device: torch.device | str) -> PackedLora:
-        move = partial(torch.Tensor.to, device=device, non_blocking=True)
-        return PackedLora(self.layers, tuple(map(move, self.a)), tuple(map(move, self.bt)), self.rank)
+        if _same_device(self.flat.device, torch.device(device)):
+            return self
+        return PackedLora.from_tensors(self.layers, self.a, self.bt, self.rank, self.flat.to(device, non_blocking=True))
+
+    def pin(self) -> PackedLora:
+        """A page-locked host copy, so copies up to a GPU run asynchronously."""
+        return PackedLora.from_tensors(self.layers, self.a, self.bt, self.rank, self.flat.pin_memory())
 
 
 @dataclass(frozen=True)
@@ -120,9 +148,11 @@ class LoraSlots:
             self.bt.append(torch.zeros(slots, max_rank, out, dtype=self.dtype, device=self.device))
         self._ranks = [0] * slots  # rows >= _ranks[s] are zero in every layer of slot s
         self._active: _Active | None = None
-        self._row_index: dict[int, torch.Tensor] = {}
+        self._rows: dict[int, torch.Tensor] = {}  # batch length -> per-row slot indices (filled in place)
+        self._row_index: dict[tuple[int, int], torch.Tensor] = {}  # (length, rows in the forward) -> indices repeated
         self._views: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # (slot, offset, rank, layers) -> A, Bt views
         self._pristine: list[torch.Tensor] | None = None
+        self._graphs = GraphedCalls(self.device)  # fuse and restore, replayed on CUDA
         self.fused = False
         self._handles = [layer.register_forward_hook(partial(self._hook, i)) for i, layer in enumerate(self.layers.values())]
 
@@ -146,20 +176,21 @@ class LoraSlots:
             if tuple(a.shape[1:]) != tuple(slot_a.shape[2:]) or tuple(b.shape[:2]) != (slot_bt.shape[2], rank):
                 raise AdapterDoesNotFit(f"{what}: LoRA shapes {tuple(a.shape)} / {tuple(b.shape)} do not fit layer {name}")
             layers.append(i)
-            a_list.append(self._place(a, device))
-            bt_list.append(self._place(b.reshape(b.shape[0], rank).float().t() * scale, device))
+            a_list.append(a)
+            bt_list.append(b.reshape(b.shape[0], rank).t())
             ranks.add(rank)
         if len(ranks) > 1:
             raise AdapterDoesNotFit(f"{what} mixes LoRA ranks {sorted(ranks)} across layers")
         rank = ranks.pop() if ranks else 0
         if rank > self.max_rank:
             raise AdapterDoesNotFit(f"{what} has rank {rank}, over the runtime's max_rank {self.max_rank}")
-        return PackedLora(tuple(layers), tuple(a_list), tuple(bt_list), rank)
-
-    def _place(self, tensor: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+        packed = PackedLora.from_tensors(layers, a_list, bt_list, rank, dtype=self.dtype)  # on the host, where the adapter is
+        if scale != 1:
+            torch._foreach_mul_(list(packed.bt), scale)
         device = self.device if device is None else torch.device(device)
-        tensor = tensor.to(device, self.dtype).contiguous()
-        return tensor.pin_memory() if device.type == "cpu" and self.device.type == "cuda" else tensor
+        if device.type == "cpu" and self.device.type == "cuda":
+            return packed.to(device).pin()
+        return packed.to(device)
 
     def load(self, slot: int, parts: Sequence[tuple[PackedLora, float]]) -> None:
         """Write ``parts`` (packed adapter, weight) into ``slot``, ranks concatenated: one batched copy.
@@ -228,53 +259,87 @@ class LoraSlots:
         return all(t.device == self.device for p, _ in parts for t in p.a[:1])
 
     def use_rows(self, row_slots: Sequence[int]) -> None:
-        """Row ``i`` of a request batch uses ``row_slots[i]``; a CFG-doubled batch repeats the list."""
-        rows = torch.tensor(row_slots, device=self.device)
+        """Row ``i`` of a request batch uses ``row_slots[i]``; a CFG-doubled batch repeats the list.
+
+        The indices are written into buffers kept per batch length, in place, so a captured
+        graph that gathers with them sees the new batch's slots.
+        """
+        rows = self._rows.get(len(row_slots))
+        if rows is None:
+            rows = self._rows[len(row_slots)] = torch.empty(len(row_slots), dtype=torch.long, device=self.device)
+        with torch.inference_mode():  # an index made inside an inference-mode forward is an inference tensor
+            rows.copy_(torch.tensor(row_slots))
+            for (length, batch), index in self._row_index.items():
+                if length == len(rows):
+                    index.copy_(rows.repeat(batch // length))
         self._set(_Active(max(self._ranks[s] for s in row_slots), rows=rows))
 
     def disable(self) -> None:
         self._set(None)
 
+    def graph_key(self) -> tuple | None:
+        """What a forward through these hooks depends on besides its inputs, for graph capture:
+        ``None`` while bound adapters are read where they lie (their tensors change at a switch)."""
+        active = self._active
+        if active is None:  # idle hooks: nothing, or an adapter fused into the weights in place
+            return ("idle",)
+        if active.bound:
+            return None
+        if active.rows is None:
+            return ("slot", active.slot, active.rank)
+        return ("rows", len(active.rows), active.rank)
+
     def _set(self, active: _Active | None) -> None:
         self.unfuse()
         self._active = active if active is not None and active.rank > 0 else None
-        self._row_index = {}
 
     def fuse(self, slot: int) -> None:
-        """Write ``W0 + Bt^T A`` of ``slot`` into the target layers' weights; hooks go idle."""
-        self._set(None)
-        rank = self._ranks[slot]
-        if rank == 0 or not self.layers:
+        """Write ``W0 + Bt^T A`` of ``slot`` into the target layers' weights; hooks go idle.
+
+        All ``max_rank`` rows take part (those past the slot's rank are zero), so fusing a slot is
+        the same work whatever it holds: on CUDA it replays as a graph after the slot's first fuse,
+        one launch instead of one per layer (SD1.5 on an H200: 5.1 ms eagerly, 0.8 ms replayed).
+        """
+        if self._ranks[slot] == 0 or not self.layers:
+            self._set(None)
             return
+        self._active = None  # idle hooks; the weights are rewritten from the pristine copy, no restore first
         if self._pristine is None:  # kept from the first fuse on: a copy of the targeted layers only
             self._pristine = [layer.weight.detach().clone() for layer in self.layers.values()]
+        self._graphs.run(("fuse", slot), partial(self._write_fused, slot))
+        self.fused = True
+
+    def _write_fused(self, slot: int) -> None:
         with torch.no_grad():
             for layer, pristine, a, bt in zip(self.layers.values(), self._pristine, self.a, self.bt):
                 out = layer.weight.shape[0]
-                torch.addmm(pristine.view(out, -1), bt[slot, :rank].t(), a[slot, :rank].reshape(rank, -1), out=layer.weight.view(out, -1))
-        self.fused = True
+                torch.addmm(pristine.view(out, -1), bt[slot].t(), a[slot].reshape(self.max_rank, -1), out=layer.weight.view(out, -1))
 
     def unfuse(self) -> None:
         """Restore the targeted weights from the pristine copy (one batched copy)."""
         if self.fused:
-            with torch.no_grad():
-                torch._foreach_copy_([layer.weight for layer in self.layers.values()], self._pristine)
+            self._graphs.run(("restore",), self._restore)
             self.fused = False
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_([layer.weight for layer in self.layers.values()], self._pristine)
 
     def close(self) -> None:
         """Remove the hooks and restore the weights: the model is exactly as before."""
         self.unfuse()
+        self._graphs = GraphedCalls(self.device)
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
     def _rows_for(self, batch: int) -> torch.Tensor:
-        index = self._row_index.get(batch)
+        rows = self._active.rows
+        index = self._row_index.get((len(rows), batch))
         if index is None:
-            rows = self._active.rows
             if batch % len(rows):
                 raise RuntimeError(f"a batch of {batch} rows cannot carry {len(rows)} per-row adapters")
-            index = self._row_index[batch] = rows.repeat(batch // len(rows))
+            index = self._row_index[(len(rows), batch)] = rows.repeat(batch // len(rows))
         return index
 
     def _hook(self, i: int, layer: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
@@ -302,6 +367,10 @@ class LoraSlots:
             h = h.view(n, a.shape[0], r, -1)[torch.arange(n, device=h.device), rows]
             out.add_(torch.bmm(bt[rows, :r].transpose(1, 2), h).view(out.shape))
         return out
+
+
+def _same_device(have: torch.device, want: torch.device) -> bool:
+    return have.type == want.type and (want.index is None or want.index == have.index)
 
 
 def _add_lora(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, weight: float = 1.0) -> None:
@@ -371,6 +440,14 @@ class LoraRuntime:
             parts[component] = self.slots[component].pack(pairs, adapter.scale, what, device)
         return PackedAdapter(parts)
 
+    @property
+    def fuses_single(self) -> bool:
+        """Whether one-set batches run fused by default: ``config.fuse_single``, unset: on CUDA, where
+        per-layer hooks cost most (see RuntimeConfig)."""
+        if self.config.fuse_single is not None:
+            return self.config.fuse_single
+        return "unet" in self.slots and self.slots["unet"].device.type == "cuda"
+
     def activate(self, rows: Sequence[AdapterSet], fuse: bool | None = None) -> None:
         """Make row ``i`` of the next batch use ``rows[i]`` (an empty set: the base alone).
 
@@ -379,9 +456,7 @@ class LoraRuntime:
         batches go through bank slots.
         """
         if fuse is None:
-            fuse = self.config.fuse_single
-        if fuse is None:  # unset: fused on CUDA, where per-layer hooks cost most (see RuntimeConfig)
-            fuse = "unet" in self.slots and self.slots["unet"].device.type == "cuda"
+            fuse = self.fuses_single
         keys = [set_key(s) for s in rows]
         distinct = {k: s for k, s in zip(keys, rows) if s}
         if len(distinct) > self.config.bank_size:
@@ -406,6 +481,10 @@ class LoraRuntime:
             row_slots = [slot_of.get(k, EMPTY_SLOT) for k in keys]
             self._each(lambda slots: slots.use_rows(row_slots))
             self._fused = None
+
+    def graph_key(self, model: str = "unet") -> tuple | None:
+        """``model``'s hook mode for :class:`gen.cuda_graph.GraphedUNet` (see :meth:`LoraSlots.graph_key`)."""
+        return self.slots[model].graph_key() if model in self.slots else ("idle",)
 
     def deactivate(self) -> None:
         """Back to the base alone (unfused weights, idle hooks); adapters stay resident in the bank."""

@@ -16,6 +16,7 @@ queueing, so loading overlaps the batch running meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import secrets
@@ -37,6 +38,7 @@ from PIL import Image
 from gen.adapter import AdapterSource
 from gen.base import Base
 from gen.concepts import refuse_placeholders
+from gen.cuda_graph import GraphedUNet
 from gen.errors import InvalidRequest
 from gen.provenance import Provenance
 from gen.serving import NO_ADAPTERS, AdapterServing, Resolved, ServingConfig
@@ -170,6 +172,10 @@ class Sampler:
         self._pending: list[_Job] = []
         self._pending_lock = threading.Lock()
         base.pipe.set_progress_bar_config(disable=True)  # progress goes through the ``progress`` callback
+        self.graphs: GraphedUNet | None = None  # the UNet's CUDA graphs, used inside this sampler's pipeline calls
+        if config.cuda_graphs and base.device.type == "cuda":
+            runtime = self.serving.runtime if self.serving is not None else None
+            self.graphs = GraphedUNet(base.pipe.unet, runtime.graph_key if runtime is not None else tuple)
 
     def generate(
         self,
@@ -333,18 +339,19 @@ class Sampler:
             return kwargs
 
         pipe.scheduler = make_scheduler(first.scheduler, pipe.scheduler.config)
-        out = pipe(
-            prompt=[text for _, text in rows],
-            negative_prompt=[job.request.negative_prompt for job, _ in rows] if first.negative_prompt else None,
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance_scale,
-            height=first.height,
-            width=first.width,
-            latents=latents.to(self.base.device, self.base.dtype),
-            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-            callback_on_step_end=on_step_end,
-            output_type="pil",
-        )
+        with self.graphs.installed() if self.graphs is not None else contextlib.nullcontext():
+            out = pipe(
+                prompt=[text for _, text in rows],
+                negative_prompt=[job.request.negative_prompt for job, _ in rows] if first.negative_prompt else None,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale,
+                height=first.height,
+                width=first.width,
+                latents=latents.to(self.base.device, self.base.dtype),
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                callback_on_step_end=on_step_end,
+                output_type="pil",
+            )
         return list(out.images)
 
     def _validate(self, prompt, num_images, steps, guidance_scale, height, width, negative_prompt=None) -> None:

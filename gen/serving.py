@@ -49,6 +49,7 @@ class ServingConfig:
     device_cache_bytes: int = 1 << 30  # used when the base is not on the CPU
     latest_ttl_s: float = 2.0
     token_pool_size: int = 64  # placeholder tokens for adapters' new tokens; 0 leaves the tokenizer alone
+    cuda_graphs: bool = True  # on a CUDA base, replay the UNet step as a CUDA graph (gen.cuda_graph)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
     python scripts/bench_serving.py                  # CPU: SD1.5 UNet (random weights) at 8x8 latents
     python scripts/bench_serving.py --quick          # smoke mode: tiny UNet, few repeats (seconds)
 
-On CUDA it runs the SD1.5 and SDXL UNets at full size in float16 instead, naming the card.
+On CUDA it runs the SD1.5 and SDXL UNets at full size in float16 instead, naming the card
+(``--models``, ``--compile`` choose which; compiling the baseline takes about a minute per UNet).
 Every baseline is measured in the same run, on the same UNet and inputs; forward passes of the
 variants being compared are interleaved round-robin and reported as medians, so drift in a
 shared machine's load affects them alike. Adapters are rank 16 on to_q/to_k/to_v/to_out.0.
@@ -18,6 +19,11 @@ Measured:
   peft LoRA active vs diffusers without;
 * batch: 8 requests from 8 users in one call vs 8 from one user, and vs serving the 8 users
   one at a time with diffusers (``set_adapters`` + a 1-request call each);
+* step (CUDA; off CUDA with ``--step-smoke`` as a code-path check): one denoising step with one adapter,
+  ours fused and replayed as a CUDA graph (``gen.cuda_graph``) against diffusers eager with peft, and
+  against diffusers hotswap + ``torch.compile`` (``--compile``); the stalls of the first step and of the
+  first switch; a mixed batch graphed against a one-user batch fused and graphed; checks that graph
+  and eager outputs agree and that timed switches capture nothing;
 * load test: 4 client threads x 25 requests, Zipf-distributed over 50 users' adapters, through
   ``Sampler.generate_many`` on a tiny pipeline with a real registry: latency, throughput, hit rate.
 """
@@ -50,6 +56,7 @@ from adapters.registry import Registry  # noqa: E402
 from adapters.registry.synthetic import DEFAULT_TARGETS, random_adapter  # noqa: E402
 from adapters.validate import BaseSpec  # noqa: E402
 from gen.base import Base  # noqa: E402
+from gen.cuda_graph import GraphedUNet  # noqa: E402
 from gen.lora_runtime import LoraRuntime, RuntimeConfig  # noqa: E402
 from gen.sampler import Request, Sampler  # noqa: E402
 from gen.serving import ServingConfig  # noqa: E402
@@ -75,7 +82,10 @@ TINY_UNET = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     attention_head_dim=8, norm_num_groups=8, cross_attention_dim=TINY.cross_attention_dim,
 )
-TARGETS = {"switch": 50.0, "cold_load": 10.0, "forward_1": 1.10, "forward_2": 1.15, "batch_vs_one_user": 0.95, "batch_vs_diffusers": 2.0}
+TARGETS = {
+    "switch": 50.0, "cold_load": 10.0, "forward_1": 1.10, "forward_2": 1.15, "batch_vs_one_user": 0.95, "batch_vs_diffusers": 2.0,
+    "step_vs_diffusers_eager": 2.0, "step_vs_diffusers_compiled": 1.3, "stall_s": 5.0,
+}
 
 
 @dataclass(frozen=True)
@@ -249,15 +259,124 @@ class Bench:
             max(3, self.case.reps),  # the 0.95x bar sits within a few percent of 1: 5 rounds on the CPU (3 moved it 0.94-1.00)
         )
 
-    def run(self) -> dict:
+    def timed(self, fn: Callable[[], object]) -> float:
+        """Seconds of one call, synchronised: for stalls (capture, compile, a switch) that happen once."""
+        self.clock.sync()
+        start = time.perf_counter()
+        fn()
+        self.clock.sync()
+        return time.perf_counter() - start
+
+    def compiled_hotswap(self) -> tuple[Callable[[], None], Callable[[], None], dict]:
+        """Diffusers' fastest path: ``enable_lora_hotswap``, one adapter, ``torch.compile``; then adapters
+        swapped in with ``load_lora_adapter(hotswap=True)``. Returns (step, hotswap to the next file, stalls)."""
+        hot = copy.deepcopy(self.vanilla)
+        hot.enable_lora_hotswap(target_rank=self.case.rank)
+        files = counter()
+        load = lambda hotswap: hot.load_lora_adapter(  # noqa: E731
+            str(self.workdir), weight_name=f"lora{files() % 3}.safetensors", prefix="unet", adapter_name="default_0",
+            hotswap=hotswap, use_safetensors=True, local_files_only=True,
+        )
+        load(False)
+        step = self.forward(torch.compile(hot), self.pair)
+        stalls = {"compile_first_step_s": self.timed(step)}
+        stalls["hotswap_then_step_s"] = self.timed(lambda: (load(True), step()))
+        return step, lambda: load(True), stalls
+
+    def steps(self, compile_baseline: bool) -> dict:
+        """CUDA: the serving step, a UNet forward (batch 2, CFG) with one adapter, and a mixed batch.
+
+        Ours: the adapter fused in place and the UNet replayed as a CUDA graph; mixed batches gather
+        from the bank under a graph too. Baselines: diffusers eager with the peft LoRA active, and
+        diffusers hotswap + ``torch.compile`` (its first call compiles). Stalls are single calls:
+        the first step (capture / compile) and a switch followed by a step.
+        """
+        sets, users, checks, stalls = self.sets, self.sets[: self.case.requests], {}, {}
+        torch.cuda.empty_cache()  # the eager sections' cached blocks, so the graphs' pool can have them
+        graphed = GraphedUNet(self.unet, self.runtime.graph_key)
+        step, batch = self.forward(self.unet, self.pair), self.forward(self.unet, self.batch)
+        nxt = counter()
+
+        def switch_and_step():
+            self.runtime.activate([sets[(nxt() + 1) % len(sets)]], fuse=True)  # sets[0] is fused first
+            step()
+
+        def graph_vs_eager(kwargs) -> float:  # max |graph - eager| / std(eager) for the active mode
+            with torch.inference_mode():
+                eager = graphed.eager(**kwargs).sample.float()
+                return ((self.unet(**kwargs).sample.float() - eager).abs().max() / eager.std()).item()
+
+        with graphed.installed():
+            self.runtime.activate([sets[0]], fuse=True)
+            stalls["ours_first_step_s"] = self.timed(step)
+            stalls["ours_switch_then_step_s"] = self.timed(switch_and_step)
+            for name, rows, kwargs in (("fused", [sets[3]], self.pair), ("mixed", users, self.batch), ("mixed_other", users[::-1], self.batch)):
+                self.runtime.activate(rows, fuse=True)
+                checks[f"graph_vs_eager_{name}"] = graph_vs_eager(kwargs)
+            self.runtime.activate([sets[3]], fuse=False)  # the same adapter as a separate low-rank term (hooks, eager)
+            with torch.inference_mode():
+                bound = self.unet(**self.pair).sample.float()
+            self.runtime.activate([sets[3]], fuse=True)
+            with torch.inference_mode():
+                fused = self.unet(**self.pair).sample.float()
+            checks["graph_fused_vs_hooks"] = ((fused - bound).abs().max() / bound.std()).item()
+            self.runtime.activate([users[0]] * len(users), fuse=True)
+            batch()  # the last shape and mode the timed rounds use: captured here, so they must capture nothing
+            captures = graphed.captures
+            ours, diffusers_eager = (self.activate([sets[0]], fuse=True), step), (lambda: self.peft.set_adapters("u0"), self.forward(self.peft, self.pair))
+            t = self.clock.round_robin(
+                {
+                    "ours": ours,
+                    "ours_switch": (lambda: None, switch_and_step),
+                    "ours_mixed_batch": (self.activate(users), batch),
+                    "ours_one_user_batch": (self.activate([users[0]] * len(users), fuse=True), batch),
+                    "diffusers_eager": diffusers_eager,
+                },
+                self.case.reps,
+            )
+            if compile_baseline:  # a second set of rounds: compiling leaves the process slower at eager work
+                compiled_step, hotswap, compile_stalls = self.compiled_hotswap()
+                stalls |= compile_stalls
+                c = self.clock.round_robin(
+                    {
+                        "ours": ours,
+                        "ours_switch": (lambda: None, switch_and_step),
+                        "diffusers_compiled": (lambda: None, compiled_step),
+                        "diffusers_hotswap_step": (lambda: None, lambda: (hotswap(), compiled_step())),
+                        "diffusers_eager": diffusers_eager,
+                    },
+                    self.case.reps,
+                )
+            checks["captures_in_timed_rounds"] = graphed.captures - captures  # every timed switch re-used a graph: 0
+            checks["captures"], checks["capture_s"] = graphed.captures, graphed.capture_s
+        result = {
+            "step_ms": t["ours"], "switch_then_step_ms": t["ours_switch"], "diffusers_eager_ms": t["diffusers_eager"],
+            "speedup_vs_diffusers_eager": t["diffusers_eager"] / t["ours"],
+            "mixed_batch_ms": t["ours_mixed_batch"], "one_user_batch_ms": t["ours_one_user_batch"],
+            "throughput_mixed_vs_one_user": t["ours_one_user_batch"] / t["ours_mixed_batch"],
+            "stalls_s": stalls, "checks": checks,
+        }
+        if compile_baseline:
+            result["with_compiled_baseline"] = {
+                "step_ms": c["ours"], "switch_then_step_ms": c["ours_switch"], "diffusers_eager_ms": c["diffusers_eager"],
+                "diffusers_compiled_ms": c["diffusers_compiled"], "diffusers_hotswap_then_step_ms": c["diffusers_hotswap_step"],
+                "speedup_vs_diffusers_compiled": c["diffusers_compiled"] / c["ours"],
+                "speedup_switch_then_step_vs_hotswap": c["diffusers_hotswap_step"] / c["ours_switch"],
+            }
+        return result
+
+    def run(self, step: bool, compile_baseline: bool = False) -> dict:
         cold = self.cold_load()  # before the users' adapters are in the peft model
         for i in range(self.case.requests):
             self.load_into_peft(i, f"u{i}")
         switch, f, b = self.switch(), self.forwards(), self.batches()
+        steps = self.steps(compile_baseline) if step else None
         self.runtime.close()
         return {
+            "step": steps,
             "case": {"name": self.case.name, "latent": self.case.latent, "dtype": str(self.case.dtype).removeprefix("torch."), "rank": self.case.rank, "rows": 2, "batch_requests": self.case.requests},
             "switch": {
+                "ours_path": "fused" if self.runtime.fuses_single else "bound",
                 "ours_ms": switch["bound"], "ours_bank_copy_ms": switch["copy"], "ours_resident_ms": switch["resident"], "ours_fused_ms": switch["fused"],
                 "diffusers_set_adapters_ms": switch["diffusers"],
                 "speedup": switch["diffusers"] / switch["bound"], "speedup_bank_copy": switch["diffusers"] / switch["copy"],
@@ -321,13 +440,40 @@ def load_test(workdir: Path, threads: int, per_thread: int, users: int, steps: i
     }
 
 
+def step_rows(s: dict, requests: int) -> list[tuple[str, str, str, str, str]]:
+    """The serving-step rows: ours graphed against diffusers eager and hotswap + compile."""
+    st, ck = s["stalls_s"], s["checks"]
+    rows = [
+        ("step, 1 adapter (fused, CUDA graph)", f"{s['step_ms']:.1f} ms", f"diffusers eager {s['diffusers_eager_ms']:.1f} ms", f"{s['speedup_vs_diffusers_eager']:.2f}x faster", ">=2x"),
+    ]
+    if "with_compiled_baseline" in s:
+        w = s["with_compiled_baseline"]
+        rows += [
+            ("  vs hotswap + torch.compile (*)", f"{w['step_ms']:.1f} ms", f"compiled {w['diffusers_compiled_ms']:.1f} ms", f"{w['speedup_vs_diffusers_compiled']:.2f}x faster", ">=1.3x"),
+            ("switch + step (*)", f"{w['switch_then_step_ms']:.1f} ms", f"hotswap + step {w['diffusers_hotswap_then_step_ms']:.1f} ms", f"{w['speedup_switch_then_step_vs_hotswap']:.2f}x faster", ""),
+            ("  (*) after compiling: eager diffusers", "", f"{w['diffusers_eager_ms']:.1f} ms", "", ""),
+            ("stall: first step", f"{st['ours_first_step_s']:.2f} s", f"compile {st['compile_first_step_s']:.1f} s", "", "<=5 s"),
+            ("stall: first switch + step", f"{st['ours_switch_then_step_s']:.3f} s", f"hotswap {st['hotswap_then_step_s']:.2f} s", "", "<=5 s"),
+        ]
+    else:
+        rows += [
+            ("switch + step", f"{s['switch_then_step_ms']:.1f} ms", "", "", ""),
+            ("stall: first step / switch + step", f"{st['ours_first_step_s']:.2f} / {st['ours_switch_then_step_s']:.3f} s", "", "", "<=5 s"),
+        ]
+    rows += [
+        (f"graphed batch of {requests}, {requests} users", f"{s['mixed_batch_ms']:.1f} ms", f"one user fused {s['one_user_batch_ms']:.1f} ms", f"{s['throughput_mixed_vs_one_user']:.3f}x throughput", ">=0.95x"),
+        ("checks: graph vs eager (max/std)", f"{max(v for k, v in ck.items() if k.startswith('graph_vs_eager')):.1e}", f"fused vs hooks {ck['graph_fused_vs_hooks']:.1e}", f"{ck['captures']} captures, {ck['captures_in_timed_rounds']} while timed", "0 while timed"),
+    ]
+    return rows
+
+
 def print_table(result: dict) -> None:
     print(f"\nbespoke serving benchmark on {result['device']}")
     for name, r in result["models"].items():
         c, f, b = r["case"], r["forward"], r["batch"]
         print(f"\n{name}: latents {c['latent']}x{c['latent']}, {c['dtype']}, rank {c['rank']}, batch 2 rows (CFG) unless noted")
         rows = [
-            ("switch: bind a cached adapter", f"{r['switch']['ours_ms']:.3f} ms", f"set_adapters {r['switch']['diffusers_set_adapters_ms']:.2f} ms", f"{r['switch']['speedup']:.0f}x faster", ">=50x"),
+            (f"switch: a cached adapter ({r['switch']['ours_path']})", f"{r['switch']['ours_ms']:.3f} ms", f"set_adapters {r['switch']['diffusers_set_adapters_ms']:.2f} ms", f"{r['switch']['speedup']:.0f}x faster", ">=50x"),
             ("switch: copy into a bank slot (mixed)", f"{r['switch']['ours_bank_copy_ms']:.3f} ms", "", f"{r['switch']['speedup_bank_copy']:.1f}x faster", ""),
             ("switch: resident in the bank (mixed)", f"{r['switch']['ours_resident_ms']:.3f} ms", "", f"{r['switch']['speedup_resident']:.0f}x faster", ""),
             ("switch: fused (restore + addmm)", f"{r['switch']['ours_fused_ms']:.2f} ms", "", "", ""),
@@ -341,10 +487,14 @@ def print_table(result: dict) -> None:
             ("  vs one user fused / no adapter", "", f"{b['batch_one_user_fused_ms']:.1f} / {b['batch_no_adapter_ms']:.1f} ms", f"{b['throughput_mixed_vs_one_user_fused']:.3f}x", ""),
             ("  vs diffusers, one user at a time", "", f"serial {b['diffusers_one_user_at_a_time_ms']:.1f} ms", f"{b['throughput_mixed_vs_diffusers_serial']:.2f}x throughput", ">=2x"),
         ]
+        if r["step"] is not None:
+            rows += step_rows(r["step"], c["batch_requests"])
         print(f"{'':36s}{'ours':>12s}  {'baseline':<30s}{'ratio':<28s}target")
         for label, ours, base, ratio, target in rows:
             print(f"{label:36s}{ours:>12s}  {base:<30s}{ratio:<28s}{target}")
-    lt = result["load_test"]
+    lt = result.get("load_test")
+    if lt is None:
+        return
     print(
         f"\nload test: {lt['threads']} threads x {lt['requests'] // lt['threads']} requests over {lt['users']} users (Zipf), "
         f"{lt['steps']} steps at {lt['image']}px: p50 {lt['p50_ms']:.0f} ms, p95 {lt['p95_ms']:.0f} ms, "
@@ -358,13 +508,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per forward variant")
     parser.add_argument("--out", default="runs/bench_serving.json")
+    parser.add_argument("--models", nargs="+", choices=["sd15", "sdxl"], default=["sd15", "sdxl"], help="CUDA: which full-size UNets")
+    parser.add_argument("--compile", nargs="*", choices=["sd15", "sdxl"], default=None, help="CUDA: compile the diffusers baseline for these (default: all run)")
+    parser.add_argument("--skip-load-test", action="store_true")
+    parser.add_argument("--step-smoke", action="store_true", help="run the step section off CUDA too (graphs fall back to eager): a code-path check")
     args = parser.parse_args()
     diffusers_logging.set_verbosity_error()
     device = torch.device(args.device)
     if args.quick:
         cases = [UnetCase("tiny-sd", TINY_UNET, 8, torch.float32, reps=args.reps or 1, text_len=8)]
     elif device.type == "cuda":
-        cases = [UnetCase("sd15", SD15_UNET, 64, torch.float16, reps=args.reps or 20), UnetCase("sdxl", SDXL_UNET, 128, torch.float16, reps=args.reps or 10)]
+        full = {"sd15": UnetCase("sd15", SD15_UNET, 64, torch.float16, reps=args.reps or 20), "sdxl": UnetCase("sdxl", SDXL_UNET, 128, torch.float16, reps=args.reps or 10)}
+        cases = [full[m] for m in args.models]
     else:
         cases = [UnetCase("sd15-small-latent", SD15_UNET, 8, torch.float32, reps=args.reps or 5)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -374,9 +529,14 @@ def main() -> None:
         for case in cases:
             workdir = Path(tmp) / case.name
             workdir.mkdir()
-            result["models"][case.name] = Bench(case, device, workdir).run()
+            step = device.type == "cuda" or args.step_smoke
+            compiled = args.compile is None or case.name in args.compile
+            result["models"][case.name] = Bench(case, device, workdir).run(step, compile_baseline=step and compiled)
             Path(args.out).write_text(json.dumps(result, indent=2))  # partial results survive a later failure
-        result["load_test"] = load_test(Path(tmp), *((2, 3, 5, 1) if args.quick else (4, 25, 50, 4)))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if not args.skip_load_test:
+            result["load_test"] = load_test(Path(tmp), *((2, 3, 5, 1) if args.quick else (4, 25, 50, 4)))
     print_table(result)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")

@@ -180,3 +180,12 @@ def test_unset_fuse_choice_fuses_only_on_cuda(unet, spec):
         gpu = LoraRuntime({"unet": copy.deepcopy(unet).cuda()}, RuntimeConfig(**{**CONFIG.__dict__, "fuse_single": None}))
         gpu.activate([one_set(gpu, [(make(spec, 1), 1.0)])] * 2)
         assert gpu.slots["unet"].fused
+
+
+def test_packed_adapter_is_one_buffer_so_a_move_is_one_copy(unet, spec):
+    runtime = LoraRuntime({"unet": unet}, CONFIG)
+    packed = runtime.pack(make(spec, 1), "adapter").parts["unet"]
+    storage = packed.flat.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == storage for t in (*packed.a, *packed.bt))
+    assert packed.nbytes() == sum(t.numel() * t.element_size() for t in (*packed.a, *packed.bt))
+    assert packed.to("cpu") is packed  # already there: nothing copied

@@ -212,7 +212,7 @@ def test_benchmark_quick_mode_writes_its_json(tmp_path):
     out = tmp_path / "bench.json"
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_serving.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(ROOT / "scripts" / "bench_serving.py"), "--quick", "--step-smoke", "--compile", "--out", str(out)],
         capture_output=True, text=True, timeout=120, env=env,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -222,4 +222,7 @@ def test_benchmark_quick_mode_writes_its_json(tmp_path):
     assert {"switch", "cold_load", "forward", "batch"} <= model.keys()
     assert {"speedup", "ratio_1", "ratio_2", "throughput_mixed_vs_one_user"} <= model["switch"].keys() | model["forward"].keys() | model["batch"].keys()
     assert {"p50_ms", "p95_ms", "throughput_rps", "hit_rate"} <= result["load_test"].keys()
+    step = model["step"]  # off CUDA the graphs run eagerly: same outputs, nothing captured
+    assert step["checks"]["captures"] == 0 and step["checks"]["graph_vs_eager_mixed"] == 0
+    assert step["checks"]["graph_fused_vs_hooks"] < 1e-4 and "diffusers_compiled_ms" not in step
     assert "switch" in done.stdout

@@ -329,7 +329,10 @@ class UserRegistry:
         except (OSError, SafetensorError) as e:
             raise DamagedAdapter(f"cannot read the blob of {record.concept!r} v{record.version} ({e}); run `bespoke registry verify`") from e
         # One summing pass (no temporaries): NaN and infinity survive a sum, and LoRA weights never overflow it.
-        bad = next((k for k, t in tensors.items() if not bool(torch.isfinite(t.sum(dtype=torch.float32)))), None)
+        # The sums are checked together: one check instead of one per tensor (~1 ms of a cold load).
+        sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors.values()]) if tensors else torch.zeros(0)
+        finite = torch.isfinite(sums)
+        bad = None if bool(finite.all()) else list(tensors)[int((~finite).nonzero()[0])]
         if bad is not None:  # validated finite when stored, so the blob changed since
             raise DamagedAdapter(f"the blob of {record.concept!r} v{record.version} holds NaN or infinite values ({bad}); it is damaged: run `bespoke registry verify`")
         embeddings = {k[len(EMBEDDING_PREFIX):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(EMBEDDING_PREFIX)]}
