@@ -2,7 +2,8 @@
 every tab, saves a screenshot of each, and the Generate tab shows a gallery after a request.
 
 Screenshots go to ``$BESPOKE_SCREENSHOTS`` when set (the README's ``docs/demo_*.png`` are made that
-way), else to a temporary folder whose path the test prints. The test skips, saying why, when
+way, with the concept trained as a user would: the ``balanced`` preset and the demo's own settings,
+a few CPU minutes), else to a temporary folder whose path the test prints (a 12-step concept). The test skips, saying why, when
 Chromium or Python's playwright is missing; CI installs both (see the README's test command).
 """
 
@@ -32,7 +33,12 @@ else:
     sync_api = pytest.importorskip("playwright.sync_api", reason="Python playwright is not installed (pip install -e '.[test]')")
 
 from demo.jobs import JobState  # noqa: E402
+from demo.service import DemoService, DemoSettings  # noqa: E402
 from demo_support import gradio_env, tiny_service  # noqa: E402
+from gen.base import load_base  # noqa: E402
+
+README_PICTURES = bool(os.environ.get("BESPOKE_SCREENSHOTS"))
+PRESET, RANK = ("balanced", 8) if README_PICTURES else ("quick", 4)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +48,13 @@ def local_app(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("demo_browser")
     with gradio_env(root):
-        service = tiny_service(root, auth=False)
+        if README_PICTURES:
+            service = DemoService(lambda: load_base("builtin"), DemoSettings(outputs=root / "outputs", registry=root / "registry"))
+        else:
+            service = tiny_service(root, auth=False)
         try:
-            service.start_training("local", concept="my-robot", class_word="robot", subject="robot-3", n_photos=4, steps=12)
+            steps = None if README_PICTURES else 12
+            service.start_training("local", concept="my-robot", class_word="robot", preset=PRESET, subject="robot-3", n_photos=4, steps=steps)
             deadline = time.monotonic() + 600
             status = service.jobs.latest("local")
             while not status.state.finished and time.monotonic() < deadline:
@@ -108,7 +118,7 @@ def test_every_tab_renders_and_generate_shows_a_gallery(local_app, screenshot_di
 
             page.get_by_role("tab", name="Diagnostics").click()
             page.get_by_role("button", name="Show", exact=True).click()
-            visible(page.get_by_text("rank 4", exact=False)).wait_for()
+            visible(page.get_by_text(f"rank {RANK}", exact=False)).wait_for()
             visible(page.get_by_text("subject_fidelity", exact=True)).wait_for()
             shots.append(save_screenshot(page, screenshot_dir / "demo_diagnostics.png"))
         finally:
