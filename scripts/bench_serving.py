@@ -334,7 +334,7 @@ class Bench:
                 },
                 self.case.reps,
             )
-            if compile_baseline:  # a second set of rounds: compiling leaves the process slower at eager work
+            if compile_baseline:  # rounds of their own, after compiling: one H200 run read eager 2x slower after it
                 compiled_step, hotswap, compile_stalls = self.compiled_hotswap()
                 stalls |= compile_stalls
                 c = self.clock.round_robin(
