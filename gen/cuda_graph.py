@@ -88,12 +88,18 @@ class GraphedUNet:
     @contextmanager
     def installed(self) -> Iterator[GraphedUNet]:
         """``unet(...)`` goes through the graphs inside this block; outside it the UNet is untouched
-        (deep copies, training and other callers see the plain module)."""
+        (deep copies, training and other callers see the plain module). A ``forward`` someone set on
+        the instance (accelerate's autocast wrapper while training) is what runs eagerly, and is put back."""
+        own = vars(self.unet).get("forward")
+        self.eager = self.unet.forward
         self.unet.forward = self
         try:
             yield self
         finally:
-            del self.unet.forward
+            if own is None:
+                del self.unet.forward
+            else:
+                self.unet.forward = own
 
     def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *args, added_cond_kwargs=None, return_dict: bool = True, **others):
         key, inputs = self._signature(sample, timestep, encoder_hidden_states, added_cond_kwargs, args, others)

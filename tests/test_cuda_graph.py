@@ -77,10 +77,15 @@ def test_graphed_unet_runs_eagerly_off_cuda_and_leaves_the_unet_as_it_was(pipe):
 
 
 @pytest.fixture
-def exact_fp32(monkeypatch):
-    """TF32 off: fused weights and a separate LoRA term then agree to fp32 rounding, not to TF32's 1e-3."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+def exact_fp32():
+    """TF32 off: fused weights and a separate LoRA term then agree to fp32 rounding, not to TF32's 1e-3.
+
+    (Set and restored by hand: these flags are module properties that monkeypatch cannot delete.)
+    """
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -144,3 +149,17 @@ def test_a_unet_with_peft_layers_is_never_graphed(pipe, monkeypatch):
     with torch.no_grad():
         assert graphed._signature(x["sample"], x["timestep"], x["encoder_hidden_states"], None, (), {})[0] is None
         assert GraphedUNet(pipe.unet)._signature(x["sample"], x["timestep"], x["encoder_hidden_states"], None, (), {})[0] is not None
+
+
+def test_installing_keeps_a_forward_set_on_the_instance(pipe):
+    """accelerate wraps ``forward`` on the instance while training; a validation sampler's graphs must give it back."""
+    unet = copy.deepcopy(pipe.unet)
+    calls = []
+    plain = unet.forward
+    unet.forward = lambda *a, **k: calls.append(1) or plain(*a, **k)
+    wrapper = unet.forward
+    graphed = GraphedUNet(unet)
+    x = inputs(2, "cpu")
+    with torch.no_grad(), graphed.installed():
+        unet(**x)  # off CUDA: eagerly, through the wrapper
+    assert calls == [1] and unet.forward is wrapper
