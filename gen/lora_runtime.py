@@ -80,13 +80,16 @@ class PackedLora:
 
     @classmethod
     def from_tensors(
-        cls, layers: Sequence[int], a: Sequence[torch.Tensor], bt: Sequence[torch.Tensor], rank: int, flat: torch.Tensor | None = None, dtype: torch.dtype | None = None
+        cls, layers: Sequence[int], a: Sequence[torch.Tensor], bt: Sequence[torch.Tensor], rank: int,
+        flat: torch.Tensor | None = None, dtype: torch.dtype | None = None, pin: bool = False,
     ) -> PackedLora:
-        """View ``a`` and ``bt`` in ``flat``; without one, a new buffer (of ``dtype``) is filled with them."""
+        """View ``a`` and ``bt`` in ``flat``; without one, a new host buffer (of ``dtype``; page-locked with
+        ``pin``, so copies up to a GPU run asynchronously) is filled with them."""
         tensors = (*a, *bt)
         fill = flat is None
         if fill:
-            flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype or (tensors[0].dtype if tensors else torch.float32))
+            dtype = dtype or (tensors[0].dtype if tensors else torch.float32)
+            flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, pin_memory=pin)
         views, offset = [], 0
         for t in tensors:
             views.append(flat[offset : offset + t.numel()].view(t.shape))
@@ -107,10 +110,6 @@ class PackedLora:
         if _same_device(self.flat.device, torch.device(device)):
             return self
         return PackedLora.from_tensors(self.layers, self.a, self.bt, self.rank, self.flat.to(device, non_blocking=True))
-
-    def pin(self) -> PackedLora:
-        """A page-locked host copy, so copies up to a GPU run asynchronously."""
-        return PackedLora.from_tensors(self.layers, self.a, self.bt, self.rank, self.flat.pin_memory())
 
 
 @dataclass(frozen=True)
@@ -184,12 +183,11 @@ class LoraSlots:
         rank = ranks.pop() if ranks else 0
         if rank > self.max_rank:
             raise AdapterDoesNotFit(f"{what} has rank {rank}, over the runtime's max_rank {self.max_rank}")
-        packed = PackedLora.from_tensors(layers, a_list, bt_list, rank, dtype=self.dtype)  # on the host, where the adapter is
+        device = self.device if device is None else torch.device(device)
+        host_tier = device.type == "cpu" and self.device.type == "cuda"
+        packed = PackedLora.from_tensors(layers, a_list, bt_list, rank, dtype=self.dtype, pin=host_tier)  # on the host
         if scale != 1:
             torch._foreach_mul_(list(packed.bt), scale)
-        device = self.device if device is None else torch.device(device)
-        if device.type == "cpu" and self.device.type == "cuda":
-            return packed.to(device).pin()
         return packed.to(device)
 
     def load(self, slot: int, parts: Sequence[tuple[PackedLora, float]]) -> None:
@@ -467,11 +465,12 @@ class LoraRuntime:
         elif len(distinct) == 1 and all(keys):  # one set for every row: fused, or bound where it lies
             key, adapter_set = next(iter(distinct.items()))
             for name, slots in self.slots.items():
-                parts = [(packed.parts[name], w) for _, packed, w in adapter_set if name in packed.parts]
                 if name == "unet" and fuse:
                     if self._fused != key:
                         slots.fuse(self._place(key, adapter_set, {key}))
-                elif slots.can_bind(parts):
+                    continue
+                parts = [(packed.parts[name], w) for _, packed, w in adapter_set if name in packed.parts]
+                if slots.can_bind(parts):
                     slots.bind(parts)
                 else:  # packed on another device (a host copy for a GPU model): through a bank slot
                     slots.use(self._place(key, adapter_set, {key}))

@@ -110,6 +110,14 @@ class Clock:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def once(self, fn: Callable[[], object]) -> float:
+        """Seconds of one call, synchronised: for stalls (capture, compile, a switch) that happen once."""
+        self.sync()
+        start = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - start
+
     def round_robin(self, cases: dict[str, tuple[Callable[[], object], Callable[[], object]]], reps: int, calls: int = 1) -> dict[str, float]:
         """Median ms per call of each case's ``run`` (which makes ``calls`` calls) after its untimed ``setup``.
 
@@ -259,14 +267,6 @@ class Bench:
             max(3, self.case.reps),  # the 0.95x bar sits within a few percent of 1: 5 rounds on the CPU (3 moved it 0.94-1.00)
         )
 
-    def timed(self, fn: Callable[[], object]) -> float:
-        """Seconds of one call, synchronised: for stalls (capture, compile, a switch) that happen once."""
-        self.clock.sync()
-        start = time.perf_counter()
-        fn()
-        self.clock.sync()
-        return time.perf_counter() - start
-
     def compiled_hotswap(self) -> tuple[Callable[[], None], Callable[[], None], dict]:
         """Diffusers' fastest path: ``enable_lora_hotswap``, one adapter, ``torch.compile``; then adapters
         swapped in with ``load_lora_adapter(hotswap=True)``. Returns (step, hotswap to the next file, stalls)."""
@@ -279,8 +279,8 @@ class Bench:
         )
         load(False)
         step = self.forward(torch.compile(hot), self.pair)
-        stalls = {"compile_first_step_s": self.timed(step)}
-        stalls["hotswap_then_step_s"] = self.timed(lambda: (load(True), step()))
+        stalls = {"compile_first_step_s": self.clock.once(step)}
+        stalls["hotswap_then_step_s"] = self.clock.once(lambda: (load(True), step()))
         return step, lambda: load(True), stalls
 
     def steps(self, compile_baseline: bool) -> dict:
@@ -308,8 +308,8 @@ class Bench:
 
         with graphed.installed():
             self.runtime.activate([sets[0]], fuse=True)
-            stalls["ours_first_step_s"] = self.timed(step)
-            stalls["ours_switch_then_step_s"] = self.timed(switch_and_step)
+            stalls["ours_first_step_s"] = self.clock.once(step)
+            stalls["ours_switch_then_step_s"] = self.clock.once(switch_and_step)
             for name, rows, kwargs in (("fused", [sets[3]], self.pair), ("mixed", users, self.batch), ("mixed_other", users[::-1], self.batch)):
                 self.runtime.activate(rows, fuse=True)
                 checks[f"graph_vs_eager_{name}"] = graph_vs_eager(kwargs)

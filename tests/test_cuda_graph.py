@@ -24,7 +24,7 @@ def pipe():
     return build_tiny_pipeline("sd")
 
 
-def setup(pipe, device, fuse_single):
+def runtime_on(pipe, device, fuse_single):
     unet = copy.deepcopy(pipe.unet).to(device)
     spec = BaseSpec.from_pipeline(pipe, "tiny", "sd")
     runtime = LoraRuntime({"unet": unet}, RuntimeConfig(unet_targets=TARGETS, max_rank=16, bank_size=3, fuse_single=fuse_single))
@@ -39,7 +39,7 @@ def inputs(batch, device, seed=0):
 
 
 def test_graph_key_says_which_modes_can_be_captured(pipe):
-    unet, runtime, sets = setup(pipe, "cpu", fuse_single=False)
+    unet, runtime, sets = runtime_on(pipe, "cpu", fuse_single=False)
     runtime.activate([()])
     assert runtime.graph_key() == ("idle",)
     runtime.activate([sets[0]], fuse=True)
@@ -51,7 +51,7 @@ def test_graph_key_says_which_modes_can_be_captured(pipe):
 
 
 def test_mixed_batch_indices_are_rewritten_in_place_across_switches(pipe):
-    unet, runtime, sets = setup(pipe, "cpu", fuse_single=False)
+    unet, runtime, sets = runtime_on(pipe, "cpu", fuse_single=False)
     slots, x = runtime.slots["unet"], inputs(4, "cpu")
     runtime.activate([sets[0], sets[1]])
     with torch.inference_mode():  # the index is first made inside an inference-mode forward
@@ -64,7 +64,7 @@ def test_mixed_batch_indices_are_rewritten_in_place_across_switches(pipe):
 
 
 def test_graphed_unet_runs_eagerly_off_cuda_and_leaves_the_unet_as_it_was(pipe):
-    unet, runtime, sets = setup(pipe, "cpu", fuse_single=False)
+    unet, runtime, sets = runtime_on(pipe, "cpu", fuse_single=False)
     graphed = GraphedUNet(unet, runtime.graph_key)
     x = inputs(2, "cpu")
     runtime.activate([sets[0]])
@@ -90,7 +90,7 @@ def exact_fp32():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_replays_match_eager_across_switches_without_recapture(pipe, exact_fp32):
-    unet, runtime, sets = setup(pipe, "cuda", fuse_single=True)
+    unet, runtime, sets = runtime_on(pipe, "cuda", fuse_single=True)
     graphed = GraphedUNet(unet, runtime.graph_key)
     x = inputs(4, "cuda")
     # The bank holds 3 sets: sets[3] evicts sets[2], then sets[2] returns into slot 2, which held sets[1] when
