@@ -47,6 +47,13 @@ class GraphedCalls:
             graph.replay()
             return
         fn()
+        self.capture(key, fn)
+
+    def capture(self, key: Hashable, fn: Callable[[], None]) -> None:
+        """Record ``fn`` as ``key``'s graph without running it (a no-op off CUDA or once ``key`` is known).
+
+        Only after a call of the same kind ran eagerly: lazy initialisation must not happen under capture.
+        """
         if not self.enabled or key in self._graphs:
             return
         graph = torch.cuda.CUDAGraph()
@@ -54,7 +61,7 @@ class GraphedCalls:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 fn()
         except Exception as e:
-            warnings.warn(f"CUDA graph capture of {key!r} failed, running it eagerly: {type(e).__name__}: {e}", stacklevel=2)
+            warnings.warn(f"CUDA graph capture of {key!r} failed, running it eagerly: {type(e).__name__}: {e}", stacklevel=3)
             graph = None
         self._graphs[key] = graph
 

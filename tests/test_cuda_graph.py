@@ -93,8 +93,8 @@ def test_graph_replays_match_eager_across_switches_without_recapture(pipe, exact
     unet, runtime, sets = runtime_on(pipe, "cuda", fuse_single=True)
     graphed = GraphedUNet(unet, runtime.graph_key)
     x = inputs(4, "cuda")
-    # The bank holds 3 sets: sets[3] evicts sets[2], then sets[2] returns into slot 2, which held sets[1] when
-    # slot 2's fuse was recorded: that fuse replays the recorded graph over new slot contents.
+    # The bank holds 3 sets. The first fuse (slot 1) records every slot's fuse, so slot 2's first fuse already
+    # replays a graph recorded while the slot was empty; sets[3] evicts sets[2], then sets[2] returns into slot 2.
     plans = [[()] * 2, [sets[0]] * 2, [sets[1]] * 2, [sets[0], sets[1]], [sets[2], ()], [sets[1], sets[0]], [sets[3]] * 2, [sets[2]] * 2]
     with torch.no_grad(), graphed.installed():
         for rows in plans:
