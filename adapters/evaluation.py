@@ -45,7 +45,7 @@ from gen.benchmark import (
 from gen.composition import composition_metrics, merge_adapters
 from gen.embedders import load_judge
 from gen.errors import EvaluationError
-from gen.evaluate import Judge, world_evaluator_applies
+from gen.evaluate import Judge, autoencoder_ceiling, world_evaluator_applies
 from gen.grid import make_grid
 from gen.report import HtmlReport, bar_chart, line_chart, write_json
 from gen.sampler import Request, Sampler
@@ -207,6 +207,8 @@ def evaluate_adapter(
             composition = _compose(generate, base, adapter, subject, partner, run, judge, settings, composition_prompts, progress)
     finally:
         sampler.serving.runtime.close()  # this sampler's LoRA slots and hooks leave the warm base
+    if len(subject.references) >= 2:
+        run.metrics["autoencoder_ceiling"] = autoencoder_ceiling(base, subject.references, judge.identity)
     _name_subject(run, f"<{SUBJECT}>", f"<{adapter.concept or SUBJECT}>")
     diagnostics = diagnose(adapter, base, name=_label(adapter))
     return AdapterEvaluation(
@@ -357,6 +359,7 @@ HEADLINE = (
     ("identity_similarity", "identity similarity", "mean cosine to the photos"),
     ("real_vs_real", "real vs real", "the photos among themselves"),
     ("subject_fidelity_above_class", "subject above class", "0 = any member of the class, 1 = another real photo"),
+    ("autoencoder_ceiling", "autoencoder ceiling", "the photos' own subject fidelity through the base's VAE: about what a perfect adapter could score"),
     ("prompt_fidelity", "prompt fidelity", "stated attributes read back (world) or CLIP-T"),
     ("diversity", "diversity", "1 - cosine between images of one prompt (DIV-like, appearance)"),
     ("prior_identity_similarity", "PRES (adapted)", "plain class images' similarity to the subject"),
@@ -378,7 +381,12 @@ def metric_warnings(metrics: Mapping[str, float], prompt_is_fraction: bool = Tru
     """
     out = []
     if metrics.get("subject_fidelity", 1.0) < 0.85:
-        out.append(f"subject fidelity {metrics['subject_fidelity']:.2f}x real-vs-real is below 0.85: the subject is not learned well (more steps, a higher rank or a new token)")
+        ceiling = metrics.get("autoencoder_ceiling", 1.0)
+        why = (
+            f"the base's autoencoder alone brings the photos down to {ceiling:.2f} (it loses this subject's details): expect little from more training"
+            if ceiling < 0.85 else "the subject is not learned well (more steps, a higher rank or a new token)"
+        )
+        out.append(f"subject fidelity {metrics['subject_fidelity']:.2f}x real-vs-real is below 0.85: {why}")
     if prompt_is_fraction and metrics.get("prompt_fidelity", 1.0) < 0.8:
         out.append(f"prompt fidelity {metrics['prompt_fidelity']:.0%} is below 80%: the adapter overrides what prompts ask")
     if metrics.get("prior_drift_identity", 0.0) > 0.05:

@@ -16,6 +16,8 @@ The metrics themselves live in :mod:`gen.evaluate` (any base, pluggable models) 
   adapter did not turn every robot into the user's robot.
 * **diversity** and **memorization** (appearance, see :class:`gen.evaluate.PixelEmbedder`): how
   much images of one prompt differ, and how close they come to copying a training photo.
+* **autoencoder ceiling**: the subject fidelity of the photos themselves after the base's VAE, which
+  every generated image passes through: about what a perfect adapter could score.
 
 :func:`world_fidelity_hook` packages these as the trainer's ``evaluate`` hook, and
 :func:`world_captions` captions a subject's photos the way the base was trained to read. Both apply
@@ -36,6 +38,7 @@ from gen.base import Base
 from gen.benchmark import PROMPT_KINDS, BenchmarkSettings, evaluation_prompt, evaluation_specs  # noqa: F401  (re-exported)
 from gen.evaluate import (  # noqa: F401  (the metrics live in gen; re-exported for callers of this module)
     PriorStats,
+    autoencoder_ceiling,
     class_accuracy,
     diversity,
     memorization,
@@ -99,6 +102,7 @@ def world_fidelity_hook(
     class_prompt = world.class_prompt(cls)
     base_images = Sampler(base).generate(class_prompt, num_images=settings.prior_images, seed=settings.seed, steps=settings.steps).images
     base_prior = PriorStats.measure(base_images, cls, references, evaluator)
+    ceiling = autoencoder_ceiling(base, references, evaluator) if len(references) >= 2 else None
     specs = evaluation_specs(cls, settings.prompts, settings.seed, instance)
 
     def evaluate(sampler: Sampler, adapter: LoraAdapter) -> dict[str, float]:
@@ -124,6 +128,8 @@ def world_fidelity_hook(
         # instances of a class already score well above 0.8x real-vs-real, so the ratio alone flatters.
         floor = base_prior.identity_similarity
         metrics["subject_fidelity_above_class"] = (metrics["identity_similarity"] - floor) / max(metrics["real_vs_real"] - floor, 1e-6)
+        if ceiling is not None:
+            metrics["autoencoder_ceiling"] = ceiling
         return metrics
 
     return evaluate

@@ -153,7 +153,7 @@ def run(base: Base, settings: BenchSettings, registry: Registry) -> dict:
     results: dict = {"class_image_seconds": class_image_seconds}
     if "subjects" in settings.parts:
         subjects = [row for name in settings.subjects for row in train(base, [name], settings, registry, bar)]
-        results.update(subjects=subjects, summary={key: mean_of(subjects, key) for key in ("train_seconds", *QUALITY_KEYS)})
+        results.update(subjects=subjects, summary={key: mean_of(subjects, key) for key in ("train_seconds", *QUALITY_KEYS, "autoencoder_ceiling")})
 
     if variants:
         ablation = []
@@ -194,9 +194,9 @@ def report(results: dict) -> str:
     if "subjects" in results:
         tables.append(table(
             "Subjects (targets: train <= 180 s, subject >= 0.85x, prompt >= 80%, |drift| <= 0.05)",
-            ["subject", *cols],
-            [[r["subject"], r["train_seconds"], *[r.get(k, float("nan")) for k in QUALITY_KEYS]] for r in results["subjects"]]
-            + [["mean", *[results["summary"][k] for k in ("train_seconds", *QUALITY_KEYS)]]],
+            ["subject", *cols, "VAE ceiling"],
+            [[r["subject"], r["train_seconds"], *[r.get(k, float("nan")) for k in (*QUALITY_KEYS, "autoencoder_ceiling")]] for r in results["subjects"]]
+            + [["mean", *[results["summary"][k] for k in ("train_seconds", *QUALITY_KEYS, "autoencoder_ceiling")]]],
         ))
     if "ablation" in results:
         tables.append(table(

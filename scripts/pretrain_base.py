@@ -517,7 +517,8 @@ def main(argv: list[str] | None = None) -> None:
     if accel.is_main_process:
         final = save_base(pipe, cfg, out, argv)
         print(f"saved {final}")
-        step = json.loads((out / "checkpoint" / "step.json").read_text())["step"]
+        done = out / "checkpoint" / "step.json"  # absent after a decoder-only run (--steps 0)
+        step = json.loads(done.read_text())["step"] if done.is_file() else 0
         save_samples(pipe, out / f"samples_{step:06d}.png", step)
         if ship:
             shutil.rmtree(BUILTIN_BASE_DIR, ignore_errors=True)

@@ -141,3 +141,13 @@ def test_a_base_outside_the_world_is_judged_by_a_local_clip_with_dreambench_prom
     assert -1.0 <= ev.run.metrics["prompt_fidelity"] <= 1.0 and "prior_class_accuracy" not in ev.run.metrics
     data = _check_report(tmp_path / "report") if write_report(ev, tmp_path / "report") else None
     assert data["judge"]["identity"].startswith("CLIP") and data["adapter"]["version"] == 3
+
+
+def test_a_low_subject_fidelity_is_blamed_on_the_autoencoder_only_when_its_ceiling_is_low():
+    from adapters.evaluation import metric_warnings
+
+    (capped,) = metric_warnings({"subject_fidelity": 0.70, "autoencoder_ceiling": 0.80})
+    assert "autoencoder alone brings the photos down to 0.80" in capped
+    (untrained,) = metric_warnings({"subject_fidelity": 0.70, "autoencoder_ceiling": 0.95})
+    assert "not learned well" in untrained
+    assert metric_warnings({"subject_fidelity": 0.90, "autoencoder_ceiling": 0.80}) == []

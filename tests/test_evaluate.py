@@ -14,6 +14,7 @@ from PIL import Image
 from adapters.samples import sample_subject_images, subject_instance
 from gen import world
 from gen.adapter import LoraAdapter
+from gen.base import load_base
 from gen.benchmark import (
     DREAMBENCH_KINDS,
     BenchmarkRun,
@@ -31,6 +32,7 @@ from gen.evaluate import (
     PixelEmbedder,
     WorldPromptScorer,
     as_embedder,
+    autoencoder_ceiling,
     diversity,
     mean_similarity,
     memorization,
@@ -109,6 +111,21 @@ def test_a_constant_image_has_no_identity_no_prompt_and_no_copy(photos, judge):
     prompt = "a photo of a robot on a red background, on the left"
     assert prompt_fidelity([CONSTANT], [prompt]) < 0.5
     assert prompt_fidelity([world.render(world.SceneSpec(world.Instance("robot", 5), "red", "plain", "left", "large", 1, "none"), 0)], [prompt]) == 1.0
+
+
+def test_the_autoencoder_ceiling_is_one_when_lossless_low_when_destructive_and_below_one_for_the_builtin_vae(photos, monkeypatch):
+    import gen.evaluate
+
+    base = load_base("builtin")
+    builtin = autoencoder_ceiling(base, photos)
+    assert 0.5 < builtin < 1.0  # a 0.68M-parameter VAE at 64 px loses some of the subject, not all of it
+    assert base.pipe.vae.dtype == torch.float32
+    monkeypatch.setattr(gen.evaluate, "autoencode", lambda base, images: list(images))
+    assert autoencoder_ceiling(base, photos) == pytest.approx(1.0)  # each photo against the others: real vs real
+    monkeypatch.setattr(gen.evaluate, "autoencode", lambda base, images: [CONSTANT] * len(images))
+    assert autoencoder_ceiling(base, photos) < 0.3
+    with pytest.raises(EvaluationError, match="at least 2"):
+        autoencoder_ceiling(base, photos[:1])
 
 
 def test_metrics_with_a_plugged_in_embedder_have_exact_answers():

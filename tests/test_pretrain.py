@@ -58,3 +58,16 @@ def test_crash_and_resume_with_workers_matches_an_unbroken_run(tmp_path, monkeyp
     assert straight.keys() == resumed.keys()
     assert all((straight[k] == resumed[k]).all() for k in straight)
     assert (crashed / "samples_000004.png").is_file()
+
+
+def test_a_decoder_only_run_changes_the_decoder_and_nothing_the_unet_was_trained_on(tmp_path):
+    pretrain = _script()
+    pretrain.main(_args(tmp_path / "first"))
+    pretrain.main(_args(tmp_path / "decoder", "--init-from", str(tmp_path / "first" / "base"), "--vae-decoder-steps", "2", "--steps", "0"))
+    vae = lambda out: load_file(out / "base" / "vae" / "diffusion_pytorch_model.safetensors")  # noqa: E731
+    before, after = vae(tmp_path / "first"), vae(tmp_path / "decoder")
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all((before[k] == after[k]).all() for k in encoder)  # the latents are the same latents
+    assert any((before[k] != after[k]).any() for k in before if k.startswith("decoder."))
+    unet_before, unet_after = _unet(tmp_path / "first"), _unet(tmp_path / "decoder")
+    assert all((unet_before[k] == unet_after[k]).all() for k in unet_before)
