@@ -70,6 +70,8 @@ class PackedLora:
 
     All of them are views of one flat buffer, so moving an adapter between host and device is one
     copy rather than one per tensor (an SDXL adapter has ~1,400: per-tensor copies cost 10-100 ms).
+    ``Bt`` is stored either contiguous, as the slots hold it, or (``b_as_stored``) as the file's
+    ``B`` of shape (out, rank), viewed transposed: see :meth:`LoraSlots.pack` for which and why.
     """
 
     layers: tuple[int, ...]  # slot-layer index of each pair
@@ -77,15 +79,16 @@ class PackedLora:
     bt: tuple[torch.Tensor, ...]  # (rank, out), alpha/rank folded in
     rank: int
     flat: torch.Tensor  # the buffer every ``a`` and ``bt`` views: all ``a`` first, then all ``bt``
+    b_as_stored: bool = False
 
     @classmethod
     def from_tensors(
         cls, layers: Sequence[int], a: Sequence[torch.Tensor], bt: Sequence[torch.Tensor], rank: int,
-        flat: torch.Tensor | None = None, dtype: torch.dtype | None = None, pin: bool = False,
+        flat: torch.Tensor | None = None, dtype: torch.dtype | None = None, pin: bool = False, b_as_stored: bool = False,
     ) -> PackedLora:
         """View ``a`` and ``bt`` in ``flat``; without one, a new host buffer (of ``dtype``; page-locked with
         ``pin``, so copies up to a GPU run asynchronously) is filled with them."""
-        tensors = (*a, *bt)
+        tensors = (*a, *(t.t() for t in bt)) if b_as_stored else (*a, *bt)
         fill = flat is None
         if fill:
             dtype = dtype or (tensors[0].dtype if tensors else torch.float32)
@@ -96,7 +99,8 @@ class PackedLora:
             offset += t.numel()
         if fill and tensors:
             torch._foreach_copy_(views, list(tensors))  # one batched copy, casting as it goes
-        return cls(tuple(layers), tuple(views[: len(a)]), tuple(views[len(a) :]), rank, flat)
+        bts = [v.t() for v in views[len(a) :]] if b_as_stored else views[len(a) :]
+        return cls(tuple(layers), tuple(views[: len(a)]), tuple(bts), rank, flat, b_as_stored)
 
     @cached_property
     def by_layer(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -109,7 +113,8 @@ class PackedLora:
     def to(self, device: torch.device | str) -> PackedLora:
         if _same_device(self.flat.device, torch.device(device)):
             return self
-        return PackedLora.from_tensors(self.layers, self.a, self.bt, self.rank, self.flat.to(device, non_blocking=True))
+        flat = self.flat.to(device, non_blocking=True)
+        return PackedLora.from_tensors(self.layers, self.a, self.bt, self.rank, flat, b_as_stored=self.b_as_stored)
 
 
 @dataclass(frozen=True)
@@ -163,9 +168,11 @@ class LoraSlots:
         """Pack diffusers-layout ``{module: (lora_A, lora_B)}`` for these slots; ``what`` names the adapter in errors.
 
         The result is on ``device`` (default: the slots' device) in the slots' dtype; host copies
-        for a CUDA runtime are page-locked, so a later copy up runs asynchronously. ``B`` is transposed
-        here, on the host: into the slots' layout, so that filling a slot on a GPU is one batched copy
-        (a transposing copy is one kernel per tensor: 9x slower for SD1.5 on an H100).
+        for a CUDA runtime are page-locked, so a later copy up runs asynchronously. For a CUDA runtime
+        ``B`` is transposed here, on the host, into the slots' layout, so that filling a slot on the GPU
+        is one batched copy (a transposing copy is one kernel per tensor: 9x slower for SD1.5 on an
+        H100). A CPU runtime keeps ``B`` as stored: a transposing copy there costs 7x a plain one, and
+        every cold load packs while only a mixed batch fills a slot.
         """
         layers, a_list, bt_list, ranks = [], [], [], set()
         for name, (a, b) in sorted(pairs.items(), key=lambda kv: self._index.get(kv[0], -1)):
@@ -188,7 +195,8 @@ class LoraSlots:
         device = self.device if device is None else torch.device(device)
         # Packed on the host, page-locked for a CUDA runtime: a copy up from pageable memory is staged by the
         # driver at a fraction of the bus speed, and torch caches page-locked blocks, so this costs no allocation.
-        packed = PackedLora.from_tensors(layers, a_list, bt_list, rank, dtype=self.dtype, pin=self.device.type == "cuda")
+        cuda = self.device.type == "cuda"
+        packed = PackedLora.from_tensors(layers, a_list, bt_list, rank, dtype=self.dtype, pin=cuda, b_as_stored=not cuda)
         if scale != 1:
             packed.flat[sum(a.numel() for a in packed.a) :].mul_(scale)  # every Bt: the end of the buffer
         return packed.to(device)
