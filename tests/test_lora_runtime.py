@@ -9,7 +9,7 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
 from adapters.registry.synthetic import random_adapter
 from adapters.validate import BaseSpec
-from gen.lora_runtime import AdapterDoesNotFit, LoraRuntime, RuntimeConfig
+from gen.lora_runtime import AdapterDoesNotFit, LoraRuntime, PackedLora, RuntimeConfig
 from gen.tiny import build_tiny_pipeline
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1")  # Linear and Conv2d (1x1 and 3x3) layers
@@ -189,3 +189,13 @@ def test_packed_adapter_is_one_buffer_so_a_move_is_one_copy(unet, spec):
     assert all(t.untyped_storage().data_ptr() == storage for t in (*packed.a, *packed.bt))
     assert packed.nbytes() == sum(t.numel() * t.element_size() for t in (*packed.a, *packed.bt))
     assert packed.to("cpu") is packed  # already there: nothing copied
+
+
+@pytest.mark.parametrize("b_as_stored", [False, True])  # the layouts of a CUDA runtime's packs and a CPU runtime's
+def test_either_packed_layout_gives_the_same_bt_and_survives_a_move(b_as_stored):
+    a, b = [torch.randn(4, 6), torch.randn(4, 3)], [torch.randn(5, 4), torch.randn(2, 4)]
+    packed = PackedLora.from_tensors([0, 1], a, [t.t() for t in b], 4, b_as_stored=b_as_stored)
+    moved = PackedLora.from_tensors(packed.layers, packed.a, packed.bt, 4, packed.flat.clone(), b_as_stored=b_as_stored)  # what .to() does
+    for got in (packed, moved):
+        assert all(torch.equal(x, y) for x, y in zip(got.a, a)) and all(torch.equal(x, y.t()) for x, y in zip(got.bt, b))
+        assert all(x.is_contiguous() != b_as_stored for x in got.bt)
