@@ -161,7 +161,9 @@ def print_summary(record) -> None:
     )
     if "subject_fidelity" in m:
         print(
-            f"fidelity: subject {m['subject_fidelity']:.2f}x real-vs-real, prompt {m['prompt_fidelity']:.0%}, "
+            f"fidelity: subject {m['subject_fidelity']:.2f}x real-vs-real"
+            + (f" (the base's autoencoder allows about {m['autoencoder_ceiling']:.2f})" if "autoencoder_ceiling" in m else "")
+            + f", prompt {m['prompt_fidelity']:.0%}, "
             f"prior drift: class accuracy {m['prior_drift_class_accuracy']:+.2f}, identity {m['prior_drift_identity']:+.3f}"
         )
     print(f"use it in a prompt as <{record.concept}> (user {record.user})")
