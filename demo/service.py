@@ -48,7 +48,7 @@ LOCAL_USER = "local"
 EXPORT_FORMATS = ("diffusers", "peft", "kohya")
 MAX_TRAIN_STEPS = 5000
 FIDELITY_KEYS = (
-    "subject_fidelity", "subject_fidelity_above_class", "prompt_fidelity", "prompt_fidelity/recontext",
+    "subject_fidelity", "autoencoder_ceiling", "subject_fidelity_above_class", "prompt_fidelity", "prompt_fidelity/recontext",
     "prompt_fidelity/position", "prompt_fidelity/accessory", "prompt_fidelity/colour",
     "prior_drift_class_accuracy", "prior_drift_identity",
 )
@@ -105,7 +105,7 @@ class Diagnostics:
     loss: list[tuple[int, float]]
     fidelity: list[tuple[str, float]]
     layers: list[tuple[str, float]]  # per targeted layer: ||delta W|| / ||W|| (adapters.diagnostics)
-    notes: list[str]  # the diagnostics' warnings first
+    notes: list[str]  # alarms from the metrics (or why there are none), then the weights' warnings
 
 
 class DemoService:
@@ -379,11 +379,15 @@ class DemoService:
         loss = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in record.metrics.items() if re.fullmatch(r"loss/step_\d+", k))
         fidelity = [(k, record.metrics[k]) for k in FIDELITY_KEYS if k in record.metrics]
         notes = []
-        if not fidelity:
+        if fidelity:  # measured with the world's evaluator: prompt fidelity is a fraction of attributes
+            from adapters.evaluation import metric_warnings
+
+            notes += metric_warnings(record.metrics)
+        else:
             notes.append("No fidelity numbers recorded: they are measured after training on the built-in base (world class words).")
         summary, layers, warnings = _adapter_diagnostics(handle, record, self.base)
         metrics = [(k, v) for k, v in metrics if not k.startswith("loss/")] + summary
-        return Diagnostics(record, metrics, loss, fidelity, layers, warnings + notes)
+        return Diagnostics(record, metrics, loss, fidelity, layers, notes + warnings)
 
     def close(self) -> None:
         self.jobs.close()

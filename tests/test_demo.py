@@ -106,6 +106,9 @@ def test_personalize_generate_list_delete_and_isolation(app):
 
     diag = alice.predict("robo", "latest", api_name="/diagnostics")
     assert "v1" in diag[0] and any(row[0] == "subject_fidelity" for row in diag[4]["data"]) and len(diag[3]["data"]) > 0
+    recorded = {row[0]: row[1] for row in diag[4]["data"]}
+    assert "autoencoder_ceiling" in recorded
+    assert ("subject fidelity" in diag[0]) == (recorded["subject_fidelity"] < 0.85)  # the plain-language alarm, when due
     exported = alice.predict("robo", "1", "diffusers", api_name="/export")
     assert Path(exported).suffix == ".zip"
 
