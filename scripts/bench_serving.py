@@ -145,6 +145,12 @@ class Clock:
         return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def relative_gap(got: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |got - reference| / std(reference), in float32: how far two UNet outputs are apart."""
+    got, reference = got.float(), reference.float()
+    return ((got - reference).abs().max() / reference.std()).item()
+
+
 def counter() -> Callable[[], int]:
     return itertools.count().__next__
 
@@ -317,10 +323,9 @@ class Bench:
             self.runtime.activate([sets[(nxt() + 1) % len(sets)]], fuse=True)  # sets[0] is fused first
             step()
 
-        def graph_vs_eager(kwargs) -> float:  # max |graph - eager| / std(eager) for the active mode
+        def graph_vs_eager(kwargs) -> float:  # for the active mode
             with torch.inference_mode():
-                eager = graphed.eager(**kwargs).sample.float()
-                return ((self.unet(**kwargs).sample.float() - eager).abs().max() / eager.std()).item()
+                return relative_gap(self.unet(**kwargs).sample, graphed.eager(**kwargs).sample)
 
         with graphed.installed():
             self.runtime.activate([sets[0]], fuse=True)
@@ -331,11 +336,11 @@ class Bench:
                 checks[f"graph_vs_eager_{name}"] = graph_vs_eager(kwargs)
             self.runtime.activate([sets[3]], fuse=False)  # the same adapter as a separate low-rank term (hooks, eager)
             with torch.inference_mode():
-                bound = self.unet(**self.pair).sample.float()
+                bound = self.unet(**self.pair).sample
             self.runtime.activate([sets[3]], fuse=True)
             with torch.inference_mode():
-                fused = self.unet(**self.pair).sample.float()
-            checks["graph_fused_vs_hooks"] = ((fused - bound).abs().max() / bound.std()).item()
+                fused = self.unet(**self.pair).sample
+            checks["graph_fused_vs_hooks"] = relative_gap(fused, bound)
             self.runtime.activate([users[0]] * len(users), fuse=True)
             batch()  # the last shape and mode the timed rounds use: captured here, so they must capture nothing
             captures = graphed.captures
