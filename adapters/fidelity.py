@@ -100,7 +100,8 @@ def world_fidelity_hook(
     evaluator = evaluator or load_evaluator()
     references = list(references)
     class_prompt = world.class_prompt(cls)
-    base_images = Sampler(base).generate(class_prompt, num_images=settings.prior_images, seed=settings.seed, steps=settings.steps).images
+    sampling = {"seed": settings.seed, "steps": settings.steps, "guidance_scale": settings.guidance_scale}
+    base_images = Sampler(base).generate(class_prompt, num_images=settings.prior_images, **sampling).images
     base_prior = PriorStats.measure(base_images, cls, references, evaluator)
     ceiling = autoencoder_ceiling(base, references, evaluator) if len(references) >= 2 else None
     specs = evaluation_specs(cls, settings.prompts, settings.seed, instance)
@@ -109,7 +110,7 @@ def world_fidelity_hook(
         prompts = [evaluation_prompt(kind, spec, adapter.trigger, settings.seed + i) for i, (kind, spec) in enumerate(specs)]
         asks = [*prompts, class_prompt]
         counts = [settings.images_per_prompt] * len(prompts) + [settings.prior_images]
-        requests = [Request(p, num_images=n, seed=settings.seed, steps=settings.steps) for p, n in zip(asks, counts)]
+        requests = [Request(p, num_images=n, **sampling) for p, n in zip(asks, counts)]
         *prompted, prior = [g.images for g in sampler.generate_many(requests)]  # batched together
         images = [im for group in prompted for im in group]
         image_prompts = [p for p in prompts for _ in range(settings.images_per_prompt)]

@@ -5,6 +5,7 @@ composition arithmetic; and CLIP/DINO judges loaded from a local folder (never d
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -126,6 +127,34 @@ def test_the_autoencoder_ceiling_is_one_when_lossless_low_when_destructive_and_b
     assert autoencoder_ceiling(base, photos) < 0.3
     with pytest.raises(EvaluationError, match="at least 2"):
         autoencoder_ceiling(base, photos[:1])
+
+
+def test_the_training_fidelity_hook_samples_with_its_settings_steps_seed_and_guidance(photos, monkeypatch):
+    """The hook's settings reach every request: the base's reference images and the adapter's prompts alike."""
+    from adapters import fidelity
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, base=None):
+            pass
+
+        def generate(self, prompt, num_images, **sampling):
+            seen.append(sampling)
+            return type("Generation", (), {"images": photos[:1] * num_images})()
+
+        def generate_many(self, requests):
+            seen.extend({"seed": r.seed, "steps": r.steps, "guidance_scale": r.guidance_scale} for r in requests)
+            return [type("Generation", (), {"images": photos[:1] * r.num_images})() for r in requests]
+
+    monkeypatch.setattr(fidelity, "Sampler", Recorder)
+    settings = fidelity.FidelitySettings(prompts=2, images_per_prompt=1, prior_images=2, steps=3, guidance_scale=1.7, seed=5)
+    instance = subject_instance("robot-3")
+    hook = fidelity.world_fidelity_hook(load_base("builtin"), instance.cls, photos, settings, instance=instance)
+    metrics = hook(Recorder(), SimpleNamespace(trigger="sks"))
+    assert len(seen) == 1 + 2 + 1  # the base's class images, then two prompts and the class prompt
+    assert all(s == {"seed": 5, "steps": 3, "guidance_scale": 1.7} for s in seen), seen
+    assert metrics["subject_fidelity"] > 0.9  # the photos themselves came back
 
 
 def test_metrics_with_a_plugged_in_embedder_have_exact_answers():

@@ -120,8 +120,9 @@ def test_users_trained_together_get_the_adapters_they_would_get_alone(tiny_sd_di
     for job, joint in zip(jobs, together):
         (alone,) = train_adapters(base, [job], cfg)
         assert joint.adapter.tensors.keys() == alone.adapter.tensors.keys()
-        for key, tensor in joint.adapter.tensors.items():
-            torch.testing.assert_close(tensor, alone.adapter.tensors[key], rtol=1e-3, atol=1e-5)
+        for key, tensor in joint.adapter.tensors.items():  # Adam's first steps are ~lr * sign(grad): a near-zero
+            # gradient element turns float-order noise into up to ~1e-4 of a 3e-2 trajectory (one element in 256 here)
+            torch.testing.assert_close(tensor, alone.adapter.tensors[key], rtol=1e-3, atol=1e-4)
         assert joint.loss_curve == pytest.approx(alone.loss_curve, rel=1e-4)
     assert together[0].metrics["users_in_job"] == 2.0
 
@@ -316,6 +317,18 @@ def test_bench_quick_writes_the_expected_json(tiny_sd_dir, tmp_path):
         bench_personalize.main(["--quick", "--subjects", "robot-500"])  # pretrained on, not held out
 
 
+def test_multi_user_bench_quick_times_ours_peft_and_alone(tiny_sd_dir, tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_multi_user
+
+    out = tmp_path / "multi.json"
+    bench_multi_user.main(["--quick", "--base", tiny_sd_dir, "--device", "cpu", "--threads", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert row["users"] == 2 and row["ours_ms"] > 0 and row["peft_loop_ms"] > 0
+    assert row["throughput_vs_alone"] == pytest.approx(row["alone_ms_times_users"] / row["ours_ms"])
+
+
 def test_train_step_bench_quick_compares_both_recipes_on_both_families(tmp_path):
     out = tmp_path / "steps.json"
     done = subprocess.run(
@@ -380,3 +393,35 @@ def test_base_only_runs_the_base_with_live_lora_and_leaves_it_trainable(tiny_sd_
         assert all(p.requires_grad for k in range(users) for p in lora.user_parameters(k)["unet"])
         assert (unet(x, t, context).sample - expected).abs().max() > 1e-2  # and live again after
 
+
+
+def test_batched_multi_user_lora_matches_peft_per_user_loop_in_outputs_and_gradients(tiny_sd_dir):
+    """Rows in equal runs per user take the batched path (bmm / grouped conv); peft's mixed-batch loop is the reference."""
+    from adapters.train.lora import LoraSpec, attach, equal_runs
+
+    assert equal_runs(["a", "a", "b", "b"]) == ["a", "b"] and equal_runs(["a", "b", "a", "b"]) is None
+    assert equal_runs(["a", "a", "b"]) is None and equal_runs(["a", "__base__"]) is None
+    base = load_base(tiny_sd_dir)
+    unet = base.pipe.unet
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(6, 4, 8, 8, generator=g), torch.tensor([10, 500, 900, 30, 250, 700])
+    context = torch.randn(6, 77, unet.config.cross_attention_dim, generator=g)
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1")  # Linear, 1x1 and 3x3 Conv2d
+    spec = LoraSpec(4, 8.0, 0.0, targets, None, ((),) * 3, ("mug",) * 3, (0, 1, 2))
+    with attach(base, spec) as lora:
+        params = [p for k in range(3) for p in lora.user_parameters(k)["unet"]]
+        with torch.no_grad():
+            for p in params:
+                p.normal_(0, 0.2, generator=g)  # every user's B nonzero, all different
+        results = []
+        for batched in (True, False):
+            lora.router.batched = batched
+            with lora.rows([0, 0, 1, 1, 2, 2]):
+                out = unet(x, t, context).sample
+                grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), params)
+            results.append((out, grads))
+        (ours, our_grads), (peft, peft_grads) = results
+        torch.testing.assert_close(ours, peft, rtol=1e-4, atol=1e-5)
+        for mine, theirs in zip(our_grads, peft_grads):
+            torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-5)
+        assert all(grad.abs().sum() > 0 for grad in our_grads)  # every user's every LoRA weight got a gradient

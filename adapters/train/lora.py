@@ -10,9 +10,11 @@ also know the new tokens. Tests compare a base's weights, module tree, attribute
 tokenizers before and after training.
 
 Several users train in one job as K peft adapters on the same layers. Each batch row belongs to one
-user, and peft's mixed-batch forward (``adapter_names=[...]``, one name per row) sends it through
-that user's LoRA only; :class:`Router` supplies the names with forward pre-hooks, as peft's own
-``PeftModel`` does at inference. Each user's gradients therefore come from their own rows alone.
+user and goes through that user's LoRA only, so each user's gradients come from their own rows alone.
+:class:`Router` routes the rows with forward hooks: a trainer's batch (each user's rows in turn, in
+equal runs) gets every user's LoRA in two batched products per layer (:func:`batched_lora_delta`);
+any other routing goes through peft's mixed-batch forward (``adapter_names=[...]``, one name per
+row, as peft's own ``PeftModel`` does at inference), which loops over the users in every layer.
 
 New tokens (pivotal tuning) do not resize the base's embedding matrix: :class:`TokenRows` wraps it
 and looks up ids at or past the first new id in small trainable tables, one per user.
@@ -33,6 +35,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.nn import functional as F
 
 from gen.base import Base
 
@@ -64,34 +67,89 @@ class TokenRows(nn.Module):
 
 
 class Router:
-    """Per-row adapter names for peft's mixed-batch forward, set around each forward pass."""
+    """Per-row adapter names, set around each forward pass, and the multi-user LoRA math they select.
 
-    def __init__(self, models: Sequence[nn.Module]):
+    A trainer's batch holds each user's rows in turn, in equal runs. Then peft computes only the base
+    layer (every row routed to ``"__base__"``) and a forward hook adds every user's LoRA in two batched
+    products per layer (:func:`batched_lora_delta`), so a layer costs the same few operations for any
+    number of users. Other routings (one name for all rows, uneven runs) use peft's mixed-batch forward,
+    which loops over the users in every layer: gather their rows, A, B, scatter-add. ``batched=False``
+    always uses peft's: the baseline ``scripts/bench_multi_user.py`` measures against.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], batched: bool = True):
         self.names: str | list[str] | None = None
-        self._handles = [
-            m.register_forward_pre_hook(self._hook, with_kwargs=True)
-            for model in models for m in model.modules() if isinstance(m, LoraLayer)
-        ]
+        self.runs: list[str] | None = None  # the users in row order, when the rows come in equal runs per user
+        self.batched = batched
+        layers = [m for model in models for m in model.modules() if isinstance(m, LoraLayer)]
+        self._batchable = {id(m) for m in layers if batchable(m)}
+        self._handles = [m.register_forward_pre_hook(self._route_rows, with_kwargs=True) for m in layers]
+        self._handles += [m.register_forward_hook(self._add_runs, with_kwargs=True) for m in layers if id(m) in self._batchable]
 
     @contextlib.contextmanager
     def route(self, names: str | list[str]) -> Iterator[None]:
         """Rows use ``names[i]``; a single name applies to every row (e.g. when sampling one user)."""
-        previous, self.names = self.names, names
+        previous = self.names, self.runs
+        self.names, self.runs = names, (equal_runs(names) if self.batched and not isinstance(names, str) else None)
         try:
             yield
         finally:
-            self.names = previous
+            self.names, self.runs = previous
 
-    def _hook(self, module, args, kwargs):
+    def _route_rows(self, module, args, kwargs):
         if self.names is None:
             raise RuntimeError("a multi-user LoRA model ran without routing; wrap the call in router.route(...)")
         rows = len(args[0] if args else kwargs["x"])
-        kwargs["adapter_names"] = [self.names] * rows if isinstance(self.names, str) else self.names
+        if self.runs and id(module) in self._batchable:
+            kwargs["adapter_names"] = ["__base__"] * rows  # the LoRA part comes from _add_runs
+        else:
+            kwargs["adapter_names"] = [self.names] * rows if isinstance(self.names, str) else self.names
         return args, kwargs
+
+    def _add_runs(self, module, args, kwargs, output):
+        if not self.runs or module.disable_adapters:
+            return None
+        return output + batched_lora_delta(module, args[0] if args else kwargs["x"], self.runs).to(output.dtype)
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def equal_runs(names: Sequence[str]) -> list[str] | None:
+    """The distinct names in order if ``names`` is equal runs of each (``[a, a, b, b]`` -> ``[a, b]``), else None."""
+    users = list(dict.fromkeys(names))
+    n = len(names) // len(users) if users else 0
+    if "__base__" in users or n * len(users) != len(names) or list(names) != [u for u in users for _ in range(n)]:
+        return None
+    return users
+
+
+def batchable(layer: LoraLayer) -> bool:
+    """Plain LoRA (no DoRA or other variant) on a Linear or a Conv2d: what :func:`batched_lora_delta` computes."""
+    return isinstance(layer.get_base_layer(), (nn.Linear, nn.Conv2d)) and not getattr(layer, "lora_variant", None)
+
+
+def batched_lora_delta(layer: LoraLayer, x: torch.Tensor, users: Sequence[str]) -> torch.Tensor:
+    """Every user's LoRA update on their own rows at once; the rows of ``x`` are ``len(users)`` equal runs, in order.
+
+    Linear: the runs as a (users, rows x tokens, features) batch through two ``bmm``. Conv2d: the runs
+    side by side as channel groups through two grouped convolutions. Gradients reach each user's A and B
+    through the stacks, from that user's rows only.
+    """
+    k = len(users)
+    a = torch.stack([layer.lora_A[u].weight for u in users])  # (K, r, in) or (K, r, in, kh, kw)
+    # The users of one attachment share rank and alpha (one LoraSpec), hence one scale
+    b = torch.stack([layer.lora_B[u].weight for u in users]) * layer.scaling[users[0]]  # (K, out, r) or (K, out, r, 1, 1)
+    x = layer.lora_dropout[users[0]](x.to(a.dtype))
+    if a.ndim == 3:
+        delta = torch.bmm(torch.bmm(x.reshape(k, -1, x.shape[-1]), a.transpose(1, 2)), b.transpose(1, 2))
+        return delta.reshape(*x.shape[:-1], b.shape[1])
+    conv, n = layer.lora_A[users[0]], x.shape[0] // k
+    grouped = x.reshape(k, n, *x.shape[1:]).transpose(0, 1).reshape(n, -1, *x.shape[2:])
+    h = F.conv2d(grouped, a.flatten(0, 1), stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=k)
+    delta = F.conv2d(h, b.flatten(0, 1), groups=k)
+    return delta.reshape(n, k, -1, *delta.shape[2:]).transpose(0, 1).reshape(x.shape[0], -1, *delta.shape[2:])
 
 
 @dataclass(frozen=True)
