@@ -109,6 +109,15 @@ def test_sdxl_trains_both_text_encoders_with_checkpointing_and_accumulation(tiny
     assert len(result.loss_curve) == 2 and all(np.isfinite(result.loss_curve))
 
 
+def test_one_process_trains_jobs_of_different_precisions(tiny_sd_dir, photos):
+    """accelerate's process-wide state would refuse the second job's precision; a library process trains many jobs."""
+    base = load_base(tiny_sd_dir)
+    for precision in ("bf16", "no"):
+        cfg = resolve_config(base, steps=1, mixed_precision=precision, **FAST)
+        (result,) = train_adapters(base, [TrainJob("bob", "toy", photos, "mug")], cfg)
+        assert np.isfinite(result.loss_curve).all()
+
+
 @pytest.mark.parametrize("prior_distill", [False, True], ids=["prior-images", "prior-distilled-with-context"])
 def test_users_trained_together_get_the_adapters_they_would_get_alone(tiny_sd_dir, tmp_path, prior_distill):
     base = load_base(tiny_sd_dir)

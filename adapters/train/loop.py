@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
 from diffusers.training_utils import cast_training_params, compute_snr
 from PIL import Image
@@ -96,6 +97,10 @@ def train_adapters(
     """Train every job's adapter in one run; ``cfg`` must be resolved (:func:`~adapters.train.config.resolve_config`)."""
     started = time.perf_counter()
     prepared = prepare_jobs(jobs, cfg, limits)
+    # accelerate keeps one AcceleratorState per process and refuses a later Accelerator with another precision ("has
+    # already been initialized"); a library process trains many jobs, so the last job's is dropped. The PartialState
+    # (this process's place in an `accelerate launch` group) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=base.device.type == "cpu")
     report = progress if accelerator.is_main_process else None
     with accelerator.main_process_first():  # the main process generates, the others read the cache
