@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import cast_training_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters.train.lora import LoraSpec, attach  # noqa: E402
@@ -51,8 +52,7 @@ def step_seconds(base: Base, users: int, rows: int, steps: int, batched: bool, r
     spec = LoraSpec(rank, float(rank), 0.0, targets, None, ((),) * users, ("thing",) * users, tuple(range(users)))
     times = []
     with attach(base, spec) as lora:
-        for p in (p for k in range(users) for p in lora.user_parameters(k)["unet"]):
-            p.data = p.data.float()  # LoRA in fp32 as the trainer keeps it; the base stays in its dtype
+        cast_training_params(unet, dtype=torch.float32)  # LoRA in fp32 as the trainer keeps it; the base stays in its dtype
         if lora.router is not None:
             lora.router.batched = batched
         order = [k for k in range(users) for _ in range(rows)]
@@ -60,9 +60,9 @@ def step_seconds(base: Base, users: int, rows: int, steps: int, batched: bool, r
             if device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            with lora.rows(order), torch.autocast(device.type, dtype=base.dtype, enabled=base.dtype != torch.float32):
-                loss = unet(latents, timesteps, context).sample.float().pow(2).mean()
             with lora.rows(order):
+                with torch.autocast(device.type, dtype=base.dtype, enabled=base.dtype != torch.float32):
+                    loss = unet(latents, timesteps, context).sample.float().pow(2).mean()
                 loss.backward()
             if device.type == "cuda":
                 torch.cuda.synchronize()

@@ -118,13 +118,18 @@ def test_one_process_trains_jobs_of_different_precisions(tiny_sd_dir, photos):
         assert np.isfinite(result.loss_curve).all()
 
 
-@pytest.mark.parametrize("prior_distill", [False, True], ids=["prior-images", "prior-distilled-with-context"])
-def test_users_trained_together_get_the_adapters_they_would_get_alone(tiny_sd_dir, tmp_path, prior_distill):
+@pytest.mark.parametrize(
+    ("prior_distill", "checkpointing"), [(False, False), (True, False), (True, True)],
+    ids=["prior-images", "prior-distilled-with-context", "checkpointed"],  # checkpointing reruns the routed forward in backward
+)
+def test_users_trained_together_get_the_adapters_they_would_get_alone(tiny_sd_dir, tmp_path, prior_distill, checkpointing):
     base = load_base(tiny_sd_dir)
     for name in ("mug-1", "cat-2"):
         save_sample_subject(name, tmp_path / name, n=2)
     jobs = [TrainJob("u1", "a", tmp_path / "mug-1", "mug", seed=1), TrainJob("u2", "b", tmp_path / "cat-2", "cat", seed=2)]
-    cfg = resolve_config(base, steps=3, lr=1e-2, warmup_steps=0, prior_distill=prior_distill, prior_context=prior_distill, **FAST)
+    cfg = resolve_config(
+        base, steps=3, lr=1e-2, warmup_steps=0, prior_distill=prior_distill, prior_context=prior_distill, gradient_checkpointing=checkpointing, **FAST
+    )
     together = train_adapters(base, jobs, cfg)
     for job, joint in zip(jobs, together):
         (alone,) = train_adapters(base, [job], cfg)
