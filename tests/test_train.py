@@ -408,7 +408,6 @@ def test_base_only_runs_the_base_with_live_lora_and_leaves_it_trainable(tiny_sd_
         assert (unet(x, t, context).sample - expected).abs().max() > 1e-2  # and live again after
 
 
-
 def test_batched_multi_user_lora_matches_peft_per_user_loop_in_outputs_and_gradients(tiny_sd_dir):
     """Rows in equal runs per user take the batched path (bmm / grouped conv); peft's mixed-batch loop is the reference."""
     from adapters.train.lora import LoraSpec, attach, equal_runs
@@ -431,6 +430,7 @@ def test_batched_multi_user_lora_matches_peft_per_user_loop_in_outputs_and_gradi
         for batched in (True, False):
             lora.router.batched = batched
             with lora.rows([0, 0, 1, 1, 2, 2]):
+                assert (lora.router.runs is not None) == batched  # the two sides really take different paths
                 out = unet(x, t, context).sample
                 grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), params)
             results.append((out, grads))
