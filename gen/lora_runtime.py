@@ -154,6 +154,8 @@ class LoraSlots:
         self._active: _Active | None = None
         self._rows: dict[int, torch.Tensor] = {}  # batch length -> per-row slot indices (filled in place)
         self._row_index: dict[tuple[int, int], torch.Tensor] = {}  # (length, rows in the forward) -> indices repeated
+        # (length, rows in the forward, rank) -> every layer's A (Linear layers; None for Conv2d) and Bt per row
+        self._row_weights: dict[tuple[int, int, int], tuple[list[torch.Tensor | None], list[torch.Tensor]]] = {}
         self._views: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # (slot, offset, rank, layers) -> A, Bt views
         self._pristine: list[torch.Tensor] | None = None
         self._graphs = GraphedCalls(self.device)  # fuse and restore, replayed on CUDA
@@ -232,6 +234,8 @@ class LoraSlots:
             for views, weight in scaled:
                 torch._foreach_mul_(views, weight)
         self._ranks[slot] = total
+        if self._active is not None and self._active.rows is not None:
+            self._gather_row_weights()  # the rows in use may read this slot
 
     def _check_rank(self, parts: Sequence[tuple[PackedLora, float]]) -> int:
         """The composed rank; over ``max_rank`` it is refused even where it could run (bound), so a set
@@ -270,8 +274,10 @@ class LoraSlots:
     def use_rows(self, row_slots: Sequence[int]) -> None:
         """Row ``i`` of a request batch uses ``row_slots[i]``; a CFG-doubled batch repeats the list.
 
-        The indices are written into buffers kept per batch length, in place, so a captured
-        graph that gathers with them sees the new batch's slots.
+        The indices, and each row's A and Bt gathered from its slot, are written into buffers kept
+        per batch length, in place, so a captured graph that reads them sees the new batch's slots.
+        Gathering here, once per request batch, rather than in every layer's hook keeps two gathers
+        per layer out of every denoising step.
         """
         rows = self._rows.get(len(row_slots))
         if rows is None:
@@ -282,6 +288,35 @@ class LoraSlots:
                 if length == len(rows):
                     index.copy_(rows.repeat(batch // length))
         self._set(_Active(max(self._ranks[s] for s in row_slots), rows=rows))
+        self._gather_row_weights()
+
+    def _gather_row_weights(self) -> None:
+        """Refill the per-row weights of the active rows' batch length and rank (other sizes are refilled when next used)."""
+        if self._active is None:
+            return
+        length, rank = len(self._active.rows), self._active.rank
+        with torch.inference_mode():
+            for (n, batch, r), (a_rows, bt_rows) in self._row_weights.items():
+                if (n, r) == (length, rank):
+                    index = self._rows_for(batch)
+                    for src, dst in zip([*self.a, *self.bt], [*a_rows, *bt_rows]):
+                        if dst is not None:
+                            torch.index_select(src[:, :rank], 0, index, out=dst)
+
+    def _weights_for(self, i: int, batch: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Layer ``i``'s A and Bt for each of ``batch`` rows: gathered on first use (in an eager
+        call, never under graph capture, which warms up eagerly), then refilled by :meth:`use_rows`."""
+        active = self._active
+        key = (len(active.rows), batch, active.rank)
+        gathered = self._row_weights.get(key)
+        if gathered is None:
+            index, r = self._rows_for(batch), active.rank
+            with torch.no_grad():
+                gathered = self._row_weights[key] = (
+                    [a[index, :r] if isinstance(layer, nn.Linear) else None for a, layer in zip(self.a, self.layers.values())],
+                    [bt[index, :r] for bt in self.bt],
+                )
+        return gathered[0][i], gathered[1][i]
 
     def disable(self) -> None:
         self._set(None)
@@ -374,15 +409,16 @@ class LoraSlots:
         if active.rows is None:
             _add_lora(layer, x, out, a[active.slot, :r], bt[active.slot, :r])
         elif isinstance(layer, nn.Linear):
-            n, rows = x.shape[0], self._rows_for(x.shape[0])
-            h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a[rows, :r].transpose(1, 2))
-            out.view(n, -1, out.shape[-1]).baddbmm_(h, bt[rows, :r])
+            n = x.shape[0]
+            a_rows, bt_rows = self._weights_for(i, n)
+            h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a_rows.transpose(1, 2))
+            out.view(n, -1, out.shape[-1]).baddbmm_(h, bt_rows)
         else:  # each row's own A: convolve with every slot's A, then keep the row's slot
             conv = partial(F.conv2d, bias=None, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
             n, rows = x.shape[0], self._rows_for(x.shape[0])
             h = conv(x, a[:, :r].reshape(-1, *a.shape[2:]))
             h = h.view(n, a.shape[0], r, -1)[torch.arange(n, device=h.device), rows]
-            out.add_(torch.bmm(bt[rows, :r].transpose(1, 2), h).view(out.shape))
+            out.add_(torch.bmm(self._weights_for(i, n)[1].transpose(1, 2), h).view(out.shape))
         return out
 
 

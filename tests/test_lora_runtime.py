@@ -110,6 +110,22 @@ def test_mixed_batch_row_equals_that_row_alone_with_its_adapter(unet, spec):
     torch.testing.assert_close(doubled, torch.cat(alone).repeat(2, 1, 1, 1), **TOL)
 
 
+def test_later_mixed_batches_of_the_same_size_see_their_own_rows_and_reloaded_slots(unet, spec):
+    """Each row's A and Bt are gathered once per batch into buffers a captured graph reads: the next
+    batch of the same length and rank must refill them, also where a slot was reloaded meanwhile."""
+    adapters = {k: make(spec, seed, rank=rank, alpha=8.0) for k, seed, rank in (("a", 1, 4), ("b", 2, 8), ("c", 3, 8), ("d", 4, 8))}
+    sample, t, context = inputs(3)
+    alone = {k: forward(diffusers_reference(unet, [(adapters[k], 1.0)]) if k else unet, sample, t, context) for k in [*adapters, None]}
+    runtime = LoraRuntime({"unet": unet}, CONFIG)  # a bank of 3: the third batch evicts "b" for "d"
+    for batch in (("a", "b", None), ("b", "a", "c"), ("d", "c", "a")):
+        runtime.activate([one_set(runtime, [(adapters[k], 1.0)], k) if k else () for k in batch])
+        expected = torch.cat([alone[k][i : i + 1] for i, k in enumerate(batch)])
+        torch.testing.assert_close(forward(unet, sample, t, context), expected, **TOL)
+    slot_of_a = runtime._resident[(("a0", 1.0),)]  # the bank's key for the set ("a0", weight 1)
+    runtime.slots["unet"].load(slot_of_a, [(runtime.pack(adapters["c"], "c").parts["unet"], 1.0)])
+    torch.testing.assert_close(forward(unet, sample, t, context)[2], alone["c"][2], **TOL)  # row 2 reads a's slot, now c's
+
+
 def test_text_encoder_slots_match_peft(pipe, spec):
     adapter = make(spec, 3, rank=4, alpha=2.0, components=("text_encoder",), targets=("q_proj", "k_proj", "v_proj", "out_proj"))
     encoder = copy.deepcopy(pipe.text_encoder)
