@@ -40,6 +40,7 @@ from adapters.evaluation import AdapterEvaluation, evaluate_config  # noqa: E402
 from demo.cli_train import ProgressBars  # noqa: E402
 from gen.base import load_base  # noqa: E402
 from gen.benchmark import BenchmarkSettings  # noqa: E402
+from gen.lora_runtime import UNET_TARGETS  # noqa: E402
 from gen.report import line_chart, write_json  # noqa: E402
 
 DREAMBENCH_PAPER = {  # Ruiz et al. 2023, DreamBench on Stable Diffusion
@@ -50,9 +51,11 @@ DREAMBENCH_PAPER = {  # Ruiz et al. 2023, DreamBench on Stable Diffusion
 # The paper's recipe: class rows regress on the class images' noise under the plain class prompt (our
 # presets may hold the prior differently; see adapters.train.config).
 PAPER_PRIOR = {"prior_preservation": True, "prior_distill": False, "class_prompt": "a {class_word}"}
+# diffusers' DreamBooth-LoRA puts LoRA on every attention projection (the built-in presets: cross-attention only).
+DREAMBOOTH_LORA = {"new_token": False, "trigger": "sks", "unet_targets": UNET_TARGETS}
 METHODS: dict[str, tuple[str, dict]] = {
-    "dreambooth_lora": ("DreamBooth-LoRA, prior preservation", {"new_token": False, "trigger": "sks", **PAPER_PRIOR}),
-    "dreambooth_lora_no_prior": ("DreamBooth-LoRA, no prior preservation", {"new_token": False, "trigger": "sks", "prior_preservation": False}),
+    "dreambooth_lora": ("DreamBooth-LoRA, prior preservation", {**DREAMBOOTH_LORA, **PAPER_PRIOR}),
+    "dreambooth_lora_no_prior": ("DreamBooth-LoRA, no prior preservation", {**DREAMBOOTH_LORA, "prior_preservation": False}),
     "textual_inversion": (
         "Textual inversion (new token only)",
         {"new_token": True, "prior_preservation": False, "lr": 1e-10, "weight_decay": 0.0, "warmup_steps": 0, "rank": 1, "text_encoder_lora": False},

@@ -43,6 +43,7 @@ from adapters.samples import sample_subject_images, subject_instance  # noqa: E4
 from adapters.train import TrainJob, class_images, personalize_many, resolve_config  # noqa: E402
 from gen import world  # noqa: E402
 from gen.base import Base, load_base  # noqa: E402
+from gen.lora_runtime import UNET_TARGETS  # noqa: E402
 
 TARGETS = {
     "train_seconds_max": 180.0,
@@ -110,6 +111,10 @@ def warm_class_images(base: Base, settings: BenchSettings) -> float:
     return time.perf_counter() - started
 
 
+LORA_LAYERS = {  # where the UNet's LoRA goes: the studied choices (diffusers' attn1 is self-, attn2 cross-attention)
+    "all attention": UNET_TARGETS,
+    "cross-attention": tuple(f"attn2.{t}" for t in UNET_TARGETS),
+}
 PRIOR_TARGETS = {  # how class rows are held: the studied kinds of prior preservation
     "class images' noise": {"prior_distill": False, "prior_context": False},
     "base's prediction": {"prior_distill": True, "prior_context": False},
@@ -122,9 +127,15 @@ def ablation_variants(base: Base, settings: BenchSettings) -> list[tuple[str, di
     d = resolve_config(base, settings.preset, **settings.overrides)
     onoff = lambda flag: "on" if flag else "off"  # noqa: E731
     target = next(name for name, o in PRIOR_TARGETS.items() if all(getattr(d, k) == v for k, v in o.items()))
+    layers = next((name for name, t in LORA_LAYERS.items() if t == d.unet_targets), ",".join(d.unet_targets))
     return [
-        (f"default (rank {d.rank}, prior {f'on the {target}' if d.prior_preservation else 'off'}, text LoRA {onoff(d.text_encoder_lora)}, new token {onoff(d.new_token)})", {}),
+        (
+            f"default (rank {d.rank}, LoRA on {layers}, prior {f'on the {target}' if d.prior_preservation else 'off'}, "
+            f"text LoRA {onoff(d.text_encoder_lora)}, new token {onoff(d.new_token)})",
+            {},
+        ),
         *[(f"rank {r}", {"rank": r}) for r in (4, 16) if r != d.rank],
+        *[(f"LoRA on {name}", {"unet_targets": t}) for name, t in LORA_LAYERS.items() if name != layers],
         (f"prior {onoff(not d.prior_preservation)}", {"prior_preservation": not d.prior_preservation}),
         *[(f"prior on the {name}", options) for name, options in PRIOR_TARGETS.items() if name != target],
         (f"text LoRA {onoff(not d.text_encoder_lora)}", {"text_encoder_lora": not d.text_encoder_lora}),
