@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,12 @@ def test_presets_options_and_command_line_flags(tiny_sd_dir):
             resolve_config(base, **options)
     with pytest.raises(InvalidRequest, match="unknown preset"):
         resolve_config(base, "fastest")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default targets, and a subset of them, are served: no warning
+        resolve_config(base, "best", text_encoder_lora=True)
+        resolve_config(base, unet_targets="attn2.to_k,attn2.to_v")
+    with pytest.warns(UserWarning, match=r"outside the sampler's default slots \(e.g. unet\.[\w.]*conv1\)"):
+        resolve_config(base, unet_targets="to_q,conv1")  # trainable, but the sampler would refuse the adapter
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)

@@ -19,11 +19,12 @@ import argparse
 import math
 import types
 import typing
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from gen.errors import InvalidRequest
-from gen.lora_runtime import TEXT_TARGETS, UNET_TARGETS
+from gen.lora_runtime import TEXT_TARGETS, UNET_TARGETS, RuntimeConfig, matches_target
 
 PRESET_NAMES = ("quick", "balanced", "best")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -165,7 +166,30 @@ def resolve_config(base, preset: str = "balanced", **overrides: Any) -> TrainCon
         text_targets=_names(cfg.text_targets),
     )
     _check(cfg, base)
+    _warn_if_not_served(cfg, base)
     return cfg
+
+
+def _warn_if_not_served(cfg: TrainConfig, base) -> None:
+    """Training can put LoRA on any layer peft wraps, but the sampler preallocates slots for its default
+    targets only and refuses an adapter outside them; say so before the training rather than at the first request."""
+    slots = RuntimeConfig()
+    wanted = [("unet", cfg.unet_targets, slots.unet_targets)]
+    if cfg.text_encoder_lora:
+        wanted += [(name, cfg.text_targets, slots.text_targets) for name in ("text_encoder", "text_encoder_2")]
+    outside = [
+        f"{component}.{name}"
+        for component, targets, served in wanted
+        if (model := getattr(getattr(base, "pipe", None), component, None)) is not None
+        for name, _ in model.named_modules()
+        if matches_target(name, targets) and not matches_target(name, served)
+    ]
+    if outside:
+        warnings.warn(
+            f"LoRA on {len(outside)} layers outside the sampler's default slots (e.g. {outside[0]}): serve these adapters with "
+            "Sampler(base, adapters, ServingConfig(runtime=RuntimeConfig(unet_targets=..., text_targets=...))) naming them, or export them",
+            stacklevel=3,
+        )
 
 
 def _names(value: str | tuple[str, ...]) -> tuple[str, ...]:
