@@ -51,7 +51,7 @@ DREAMBENCH_PAPER = {  # Ruiz et al. 2023, DreamBench on Stable Diffusion
 # The paper's recipe: class rows regress on the class images' noise under the plain class prompt (our
 # presets may hold the prior differently; see adapters.train.config).
 PAPER_PRIOR = {"prior_preservation": True, "prior_distill": False, "class_prompt": "a {class_word}"}
-# diffusers' DreamBooth-LoRA puts LoRA on every attention projection (the built-in presets: cross-attention only).
+# diffusers' DreamBooth-LoRA puts LoRA on every attention projection; pinned, so this stays the recipe whatever the presets do.
 DREAMBOOTH_LORA = {"new_token": False, "trigger": "sks", "unet_targets": UNET_TARGETS}
 METHODS: dict[str, tuple[str, dict]] = {
     "dreambooth_lora": ("DreamBooth-LoRA, prior preservation", {**DREAMBOOTH_LORA, **PAPER_PRIOR}),
