@@ -294,29 +294,31 @@ class LoraSlots:
         """Refill the per-row weights of the active rows' batch length and rank (other sizes are refilled when next used)."""
         if self._active is None:
             return
-        length, rank = len(self._active.rows), self._active.rank
+        for key in self._row_weights:
+            if (key[0], key[2]) == (len(self._active.rows), self._active.rank):
+                self._fill_row_weights(key)
+
+    def _fill_row_weights(self, key: tuple[int, int, int]) -> None:
+        _, batch, rank = key
+        index = self._rows_for(batch)
         with torch.inference_mode():
-            for (n, batch, r), (a_rows, bt_rows) in self._row_weights.items():
-                if (n, r) == (length, rank):
-                    index = self._rows_for(batch)
-                    for src, dst in zip([*self.a, *self.bt], [*a_rows, *bt_rows]):
-                        if dst is not None:
-                            torch.index_select(src[:, :rank], 0, index, out=dst)
+            for src, dst in zip([*self.a, *self.bt], [*self._row_weights[key][0], *self._row_weights[key][1]]):
+                if dst is not None:
+                    torch.index_select(src[:, :rank], 0, index, out=dst)
 
     def _weights_for(self, i: int, batch: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Layer ``i``'s A and Bt for each of ``batch`` rows: gathered on first use (in an eager
         call, never under graph capture, which warms up eagerly), then refilled by :meth:`use_rows`."""
-        active = self._active
-        key = (len(active.rows), batch, active.rank)
-        gathered = self._row_weights.get(key)
-        if gathered is None:
-            index, r = self._rows_for(batch), active.rank
-            with torch.no_grad():
-                gathered = self._row_weights[key] = (
-                    [a[index, :r] if isinstance(layer, nn.Linear) else None for a, layer in zip(self.a, self.layers.values())],
-                    [bt[index, :r] for bt in self.bt],
-                )
-        return gathered[0][i], gathered[1][i]
+        key = (len(self._active.rows), batch, self._active.rank)
+        if key not in self._row_weights:
+            r, new = self._active.rank, partial(torch.empty, device=self.device, dtype=self.dtype)
+            self._row_weights[key] = (
+                [new(batch, r, *a.shape[2:]) if isinstance(layer, nn.Linear) else None for a, layer in zip(self.a, self.layers.values())],
+                [new(batch, r, bt.shape[2]) for bt in self.bt],
+            )
+            self._fill_row_weights(key)
+        a_rows, bt_rows = self._row_weights[key]
+        return a_rows[i], bt_rows[i]
 
     def disable(self) -> None:
         self._set(None)

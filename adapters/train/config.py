@@ -173,17 +173,15 @@ def resolve_config(base, preset: str = "balanced", **overrides: Any) -> TrainCon
 def _warn_if_not_served(cfg: TrainConfig, base) -> None:
     """Training can put LoRA on any layer peft wraps, but the sampler preallocates slots for its default
     targets only and refuses an adapter outside them; say so before the training rather than at the first request."""
-    slots = RuntimeConfig()
+    slots, pipe = RuntimeConfig(), getattr(base, "pipe", None)
     wanted = [("unet", cfg.unet_targets, slots.unet_targets)]
     if cfg.text_encoder_lora:
         wanted += [(name, cfg.text_targets, slots.text_targets) for name in ("text_encoder", "text_encoder_2")]
-    outside = [
-        f"{component}.{name}"
-        for component, targets, served in wanted
-        if (model := getattr(getattr(base, "pipe", None), component, None)) is not None
-        for name, _ in model.named_modules()
-        if matches_target(name, targets) and not matches_target(name, served)
-    ]
+    outside = []
+    for component, targets, served in wanted:
+        model = getattr(pipe, component, None)
+        names = [name for name, _ in model.named_modules()] if model is not None else []
+        outside += [f"{component}.{name}" for name in names if matches_target(name, targets) and not matches_target(name, served)]
     if outside:
         warnings.warn(
             f"LoRA on {len(outside)} layers outside the sampler's default slots (e.g. {outside[0]}): serve these adapters with "
