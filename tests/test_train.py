@@ -324,16 +324,20 @@ def test_bench_quick_writes_the_expected_json(tiny_sd_dir, tmp_path):
     out = tmp_path / "bench.json"
     bench_personalize.main(["--quick", "--base", tiny_sd_dir, "--out", str(out)])
     data = json.loads(out.read_text())
-    assert {"subjects", "summary", "ablation", "multi_user", "targets", "settings", "environment", "class_image_seconds"} <= set(data)
-    row = data["subjects"][0]
-    assert {"subject", "train_seconds", "evaluate_seconds", "subject_fidelity", "prompt_fidelity", "prior_drift_class_accuracy", "prior_drift_identity"} <= set(row)
+    assert {"runs", "subjects", "summary", "ablation", "multi_user", "targets", "settings", "environment", "class_image_seconds"} <= set(data)
+    row = data["runs"][0]
+    assert {"subject", "seed", "train_seconds", "evaluate_seconds", "subject_fidelity", "prompt_fidelity", "prior_drift_class_accuracy", "prior_drift_identity"} <= set(row)
     labels = [r["variant"] for r in data["ablation"]]
     prior_targets = {"prior on the class images' noise", "prior on the base's prediction"}  # the default holds it on both
     assert labels[0].startswith("default") and {"rank 4", "rank 16", "LoRA on cross-attention", "prior off", *prior_targets} <= set(labels) and len(labels) == 9
     assert {"throughput_ratio", "images_per_s_one_job", "images_per_s_sequential", "quality_one_job"} <= set(data["multi_user"])
-    bench_personalize.main(["--quick", "--base", tiny_sd_dir, "--parts", "subjects", "--subjects", "cat-5", "--out", str(out)])
+    bench_personalize.main(["--quick", "--base", tiny_sd_dir, "--parts", "subjects", "--subjects", "cat-5", "--seeds", "0", "1", "--out", str(out)])
     data = json.loads(out.read_text())
     assert not {"ablation", "multi_user"} & set(data) and [r["subject"] for r in data["subjects"]] == ["cat-5"]  # only what was asked for ran
+    runs, (row,) = data["runs"], data["subjects"]
+    assert [r["seed"] for r in runs] == row["seeds"] == [0, 1] and runs[0]["final_loss"] != runs[1]["final_loss"]  # each seed trained
+    fidelity = [r["subject_fidelity"] for r in runs]
+    assert row["subject_fidelity"] == pytest.approx(sum(fidelity) / 2) and (row["subject_fidelity_min"], row["subject_fidelity_max"]) == (min(fidelity), max(fidelity))
     with pytest.raises(SystemExit):
         bench_personalize.main(["--quick", "--subjects", "robot-500"])  # pretrained on, not held out
 
