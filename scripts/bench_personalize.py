@@ -3,7 +3,7 @@
     python scripts/bench_personalize.py                        # full run on the built-in base
     python scripts/bench_personalize.py --quick --out /tmp/q.json   # smoke run: seconds, numbers meaningless
     python scripts/bench_personalize.py --parts subjects ablation     # skip the several-users part
-    python scripts/bench_personalize.py --parts subjects --subjects robot-5 mug-5 car-5 house-5 cat-5  # the development set
+    python scripts/bench_personalize.py --parts subjects --subjects robot-5 mug-5 car-5 house-5 cat-5  # the development set, 3 seeds each
 
 Three parts, all written to one JSON file and printed as tables:
 

@@ -108,7 +108,7 @@ def _sdxl(**kw) -> TrainConfig:
 
 # Prior held to the base's own prediction, for the class prompt and for the photos' captions minus the
 # trigger. Measured on five held-out development subjects (robot-5 ... cat-5; the benchmark's subjects
-# are the *-0 ones; `bench_personalize.py --parts subjects --subjects robot-5 mug-5 car-5 house-5 cat-5`):
+# are the *-0 ones; `bench_personalize.py --parts subjects --seeds 0 --subjects robot-5 mug-5 car-5 house-5 cat-5`):
 # identity drift of the class prompt 0.144 / -0.034 / 0.052 / 0.033 / -0.008 against 0.077 / 0.068 / -0.031 /
 # 0.376 / 0.182 with class images as targets, subject fidelity 0.911 against 0.880 on average; on four other
 # class phrasings house-5 / cat-5 drift 0.06 / -0.02 against 0.42 / 0.32.
