@@ -234,8 +234,7 @@ class LoraSlots:
             for views, weight in scaled:
                 torch._foreach_mul_(views, weight)
         self._ranks[slot] = total
-        if self._active is not None and self._active.rows is not None:
-            self._gather_row_weights()  # the rows in use may read this slot
+        self._gather_row_weights()  # rows in use may read this slot
 
     def _check_rank(self, parts: Sequence[tuple[PackedLora, float]]) -> int:
         """The composed rank; over ``max_rank`` it is refused even where it could run (bound), so a set
@@ -292,7 +291,7 @@ class LoraSlots:
 
     def _gather_row_weights(self) -> None:
         """Refill the per-row weights of the active rows' batch length and rank (other sizes are refilled when next used)."""
-        if self._active is None:
+        if self._active is None or self._active.rows is None:
             return
         for key in self._row_weights:
             if (key[0], key[2]) == (len(self._active.rows), self._active.rank):

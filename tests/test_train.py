@@ -227,6 +227,7 @@ def test_presets_options_and_command_line_flags(tiny_sd_dir):
         ({"rnak": 4}, "unknown training option 'rnak'"),
         ({"rank": 0}, "rank must be between 1 and 1024"),
         ({"resolution": 63}, "resolution must be a multiple of 2"),
+        ({"seed": -1}, "seed must be >= 0, got -1"),
         ({"mixed_precision": "fp16"}, "fp16 needs a CUDA device"),
         ({"trigger": "zwx", "new_token": True}, "either a trigger or new_token"),
         ({"prior_distill": False, "prior_context": True}, "prior_context needs prior_preservation and prior_distill"),
@@ -283,6 +284,12 @@ def test_user_errors_stop_before_training_with_one_line(tiny_sd_dir, tmp_path, c
     code = train_lora.main(["--base", tiny_sd_dir, "--user", "eve", "--concept", "c", "--class-word", "mug", "--images", str(tmp_path / "bad"), "--registry", str(tmp_path / "reg")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "broken.jpg" in err
+
+
+def test_a_negative_job_seed_is_refused_before_any_model_work(tiny_sd_dir, photos):
+    base = load_base(tiny_sd_dir)
+    with pytest.raises(InvalidRequest, match="carol/m: seed must be >= 0, got -3"):
+        prepare_jobs([TrainJob("carol", "m", photos, "mug", seed=-3)], resolve_config(base, **FAST))
 
 
 def _free_port() -> int:

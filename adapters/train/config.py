@@ -227,7 +227,7 @@ def _check(cfg: TrainConfig, base) -> None:
     need(cfg.class_image_steps is None or cfg.class_image_steps >= 1, "class_image_steps must be >= 1")
     for name in ("steps", "batch_size", "grad_accum", "num_validation_images", "keep_checkpoints"):
         need(getattr(cfg, name) >= 1, f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "validation_every", "checkpoint_every"):
+    for name in ("warmup_steps", "validation_every", "checkpoint_every", "seed"):
         need(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
     for name in ("lr", "text_lr", "token_lr", "max_grad_norm"):
         need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")

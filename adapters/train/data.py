@@ -116,6 +116,8 @@ def prepare_jobs(jobs: Sequence[TrainJob], cfg: TrainConfig, limits: ImageLimits
         if cfg.validation_prompt:
             fill(cfg.validation_prompt, "validation_prompt", trigger=trigger, class_word=job.class_word)
         seed = cfg.seed if job.seed is None else job.seed
+        if seed < 0:  # numpy's generators refuse it, which would stop the run after the class images
+            raise InvalidRequest(f"{job.user}/{job.concept}: seed must be >= 0, got {seed}")
         prepared.append(PreparedJob(job, examples, trigger, tokens, class_prompt, seed))
     return prepared
 
