@@ -17,8 +17,11 @@ Serving many users from one warm base wants the opposite, so the layers are prep
   gathers its ``A``/``Bt`` from the bank and runs ``torch.bmm``. When classifier-free guidance doubles the batch the per-row slot list is
   repeated block-wise, so a negative-prompt row gets its prompt row's adapter (as in diffusers,
   where an active LoRA applies to both halves);
-* a batch with one adapter set may instead run *fused*: ``W = W0 + Bt^T A`` written in place into
-  the targeted layers and restored from a pristine copy of just those layers.
+* a batch with one adapter set may instead be copied into the *single* slot, a bank slot kept for
+  one-set batches: the same batched copy, into buffers that never move, so a CUDA graph replays it
+  (a bound adapter's tensors move at every switch, so a graph cannot hold them);
+* or it may run *fused*: ``W = W0 + Bt^T A`` written in place into the targeted layers and restored
+  from a pristine copy of just those layers.
 
 A bank slot (index 0) is kept empty for rows without an adapter in a mixed batch.
 :class:`LoraRuntime` is not thread-safe: the sampler calls it under its run lock.
@@ -42,6 +45,7 @@ from gen.errors import InvalidRequest
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 EMPTY_SLOT = 0
+SINGLE_PATHS = ("bound", "slot", "fused")  # how a batch with one adapter set on every row runs
 
 
 class AdapterDoesNotFit(InvalidRequest):
@@ -56,12 +60,20 @@ class RuntimeConfig:
     text_targets: tuple[str, ...] = TEXT_TARGETS
     max_rank: int = 64  # total rank of the adapters composed for one request
     bank_size: int = 8  # distinct adapter sets in one batch
-    # Run one-adapter-set batches fused into the UNet weights; None: on CUDA only. Measured with
-    # scripts/bench_serving.py (rank 16): on an H200 the slots' eager hooks add 21% (SD1.5) / 34%
-    # (SDXL) to a UNet forward and fused weights 0%; a fused switch (0.8 / 4.3 ms, replayed as a
-    # graph) is repaid within the first step. On the CPU the slots cost ~1-3% and a fused switch
-    # ~70 ms. Fusing keeps a pristine copy of the targeted layers, made at the first fuse.
-    fuse_single: bool | None = None
+    # How a batch with one adapter set runs (SINGLE_PATHS): "bound" reads the packed tensors in place
+    # (a switch copies nothing; eager only), "slot" copies them into the single slot (one batched
+    # copy; a CUDA graph replays it), "fused" writes them into the UNet weights (hooks idle; a switch
+    # restores and rewrites the targeted layers). None: fused on CUDA, bound elsewhere. Measured with
+    # scripts/bench_serving.py (rank 16, an H100, SD1.5 / SDXL, steps replayed as CUDA graphs): the
+    # slot adds 8.1% / 12.9% to a UNet forward and fused weights 0%; a slot switch costs 0.15 / 0.66 ms,
+    # a fused one 0.73 / 5.2 ms, so a switch and one step cost 13.9 / 51.2 ms through the slot and
+    # 13.1 / 50.8 ms fused: fusing is repaid within the first step. On the CPU the hooks cost ~1-3%
+    # and a fused switch ~70 ms. Fusing keeps a pristine copy of the targeted layers, made at the first fuse.
+    single: str | None = None
+
+    def __post_init__(self):
+        if self.single is not None and self.single not in SINGLE_PATHS:
+            raise ValueError(f"single must be one of {SINGLE_PATHS} or None, not {self.single!r}")
 
 
 @dataclass(frozen=True)
@@ -173,8 +185,9 @@ class LoraSlots:
         for a CUDA runtime are page-locked, so a later copy up runs asynchronously. For a CUDA runtime
         ``B`` is transposed here, on the host, into the slots' layout, so that filling a slot on the GPU
         is one batched copy (a transposing copy is one kernel per tensor: 9x slower for SD1.5 on an
-        H100). A CPU runtime keeps ``B`` as stored: a transposing copy there costs 7x a plain one, and
-        every cold load packs while only a mixed batch fills a slot.
+        H100; transposing once per cold load on the GPU instead read SDXL's cold load 11.4x -> 8.8x
+        diffusers'). A CPU runtime keeps ``B`` as stored: a transposing copy there costs 7x a plain one,
+        and every cold load packs while only a mixed batch fills a slot.
         """
         layers, a_list, bt_list, ranks = [], [], [], set()
         for name, (a, b) in sorted(pairs.items(), key=lambda kv: self._index.get(kv[0], -1)):
@@ -460,19 +473,22 @@ def set_key(adapter_set: AdapterSet) -> tuple:
 class LoraRuntime:
     """Slots on every LoRA-capable model of a pipeline, and which adapter set each batch row uses.
 
-    A one-set batch binds the packed tensors (no copy) or, fused, costs nothing when that set is
-    already fused. Mixed batches copy sets into bank slots, where they stay resident (LRU): a
-    batch whose sets are already resident costs no copy at all.
+    A one-set batch binds the packed tensors (no copy), is copied into the single slot, or is
+    fused; the single slot and the fused weights cost nothing when they already hold that set.
+    Mixed batches copy sets into bank slots, where they stay resident (LRU): a batch whose sets
+    are already resident costs no copy at all.
     """
 
     def __init__(self, models: Mapping[str, nn.Module], config: RuntimeConfig = RuntimeConfig()):
         self.config = config
+        self.single_slot = config.bank_size + 1  # after the mixed batches' slots 1..bank_size
         self.slots = {
-            name: LoraSlots(model, config.unet_targets if name == "unet" else config.text_targets, config.max_rank, config.bank_size)
+            name: LoraSlots(model, config.unet_targets if name == "unet" else config.text_targets, config.max_rank, config.bank_size + 1)
             for name, model in models.items()
         }
         self._resident: OrderedDict[tuple, int] = OrderedDict()  # set key -> bank slot, least recent first
         self._fused: tuple | None = None
+        self._in_single_slot: dict[str, tuple] = {}  # model -> the set key its single slot holds
 
     @classmethod
     def for_pipeline(cls, pipe, config: RuntimeConfig = RuntimeConfig()) -> LoraRuntime:
@@ -495,22 +511,24 @@ class LoraRuntime:
         return PackedAdapter(parts)
 
     @property
-    def fuses_single(self) -> bool:
-        """Whether one-set batches run fused by default: ``config.fuse_single``, unset: on CUDA, where
-        per-layer hooks cost most (see RuntimeConfig)."""
-        if self.config.fuse_single is not None:
-            return self.config.fuse_single
-        return "unet" in self.slots and self.slots["unet"].device.type == "cuda"
+    def single_path(self) -> str:
+        """How one-set batches run by default: ``config.single``; unset: fused on CUDA, where
+        eager per-layer hooks cost most, bound elsewhere (see RuntimeConfig)."""
+        if self.config.single is not None:
+            return self.config.single
+        return "fused" if "unet" in self.slots and self.slots["unet"].device.type == "cuda" else "bound"
 
-    def activate(self, rows: Sequence[AdapterSet], fuse: bool | None = None) -> None:
+    def activate(self, rows: Sequence[AdapterSet], single: str | None = None) -> None:
         """Make row ``i`` of the next batch use ``rows[i]`` (an empty set: the base alone).
 
-        A batch with one adapter set on every row runs fused into the UNet when ``fuse`` (default:
-        ``config.fuse_single``; unset: on CUDA), else with the packed tensors bound (no copy). Other
-        batches go through bank slots.
+        A batch with one adapter set on every row takes ``single`` (one of SINGLE_PATHS; default
+        :attr:`single_path`) in the UNet; text encoders, which no graph replays, bind. A set that
+        cannot be bound (packed on another device) goes through the single slot. Other batches go
+        through bank slots.
         """
-        if fuse is None:
-            fuse = self.fuses_single
+        single = single or self.single_path
+        if single not in SINGLE_PATHS:
+            raise ValueError(f"single must be one of {SINGLE_PATHS}, not {single!r}")
         keys = [set_key(s) for s in rows]
         distinct = {k: s for k, s in zip(keys, rows) if s}
         if len(distinct) > self.config.bank_size:
@@ -518,18 +536,22 @@ class LoraRuntime:
         if not distinct:
             self._each(lambda slots: slots.disable())
             self._fused = None
-        elif len(distinct) == 1 and all(keys):  # one set for every row: fused, or bound where it lies
+        elif len(distinct) == 1 and all(keys):  # one set for every row
             key, adapter_set = next(iter(distinct.items()))
+            fuse = single == "fused"
             for name, slots in self.slots.items():
-                if name == "unet" and fuse:
+                parts = [(packed.parts[name], w) for _, packed, w in adapter_set if name in packed.parts]
+                path = single if name == "unet" else "bound"  # text encoders run eagerly: nothing to gain by copying
+                if path == "fused":
                     if self._fused != key:
                         slots.fuse(self._place(key, adapter_set, {key}))
-                    continue
-                parts = [(packed.parts[name], w) for _, packed, w in adapter_set if name in packed.parts]
-                if slots.can_bind(parts):
+                elif path == "bound" and slots.can_bind(parts):
                     slots.bind(parts)
-                else:  # packed on another device (a host copy for a GPU model): through a bank slot
-                    slots.use(self._place(key, adapter_set, {key}))
+                else:
+                    if self._in_single_slot.get(name) != key:
+                        slots.load(self.single_slot, parts)
+                        self._in_single_slot[name] = key
+                    slots.use(self.single_slot)
             self._fused = key if fuse else None
         else:
             slot_of = {k: self._place(k, s, set(distinct)) for k, s in distinct.items()}
@@ -549,6 +571,7 @@ class LoraRuntime:
         """Remove every hook and restore the weights."""
         self._each(lambda slots: slots.close())
         self._resident.clear()
+        self._in_single_slot.clear()
         self._fused = None
 
     def _each(self, fn) -> None:

@@ -24,10 +24,10 @@ def pipe():
     return build_tiny_pipeline("sd")
 
 
-def runtime_on(pipe, device, fuse_single):
+def runtime_on(pipe, device, single):
     unet = copy.deepcopy(pipe.unet).to(device)
     spec = BaseSpec.from_pipeline(pipe, "tiny", "sd")
-    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(unet_targets=TARGETS, max_rank=16, bank_size=3, fuse_single=fuse_single))
+    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(unet_targets=TARGETS, max_rank=16, bank_size=3, single=single))
     sets = [((f"k{s}", runtime.pack(random_adapter(spec, rank=4, targets=TARGETS, seed=s, std=0.1), f"adapter {s}"), 1.0),) for s in range(4)]
     return unet, runtime, sets
 
@@ -39,19 +39,21 @@ def inputs(batch, device, seed=0):
 
 
 def test_graph_key_says_which_modes_can_be_captured(pipe):
-    unet, runtime, sets = runtime_on(pipe, "cpu", fuse_single=False)
+    unet, runtime, sets = runtime_on(pipe, "cpu", single="bound")
     runtime.activate([()])
     assert runtime.graph_key() == ("idle",)
-    runtime.activate([sets[0]], fuse=True)
+    runtime.activate([sets[0]], single="fused")
     assert runtime.graph_key() == ("idle",)  # fused: the hooks are idle, the weights changed in place
-    runtime.activate([sets[0]], fuse=False)
+    runtime.activate([sets[0]], single="bound")
     assert runtime.graph_key() is None  # bound: the hooks read the adapter's own tensors, which differ per adapter
+    runtime.activate([sets[0]], single="slot")
+    assert runtime.graph_key() == ("slot", runtime.single_slot, 4)  # copied into the single slot: the same key for every set
     runtime.activate([sets[0], sets[1]])
     assert runtime.graph_key() == ("rows", 2, 4)
 
 
 def test_mixed_batch_indices_are_rewritten_in_place_across_switches(pipe):
-    unet, runtime, sets = runtime_on(pipe, "cpu", fuse_single=False)
+    unet, runtime, sets = runtime_on(pipe, "cpu", single="bound")
     slots, x = runtime.slots["unet"], inputs(4, "cpu")
     runtime.activate([sets[0], sets[1]])
     with torch.inference_mode():  # the index is first made inside an inference-mode forward
@@ -64,7 +66,7 @@ def test_mixed_batch_indices_are_rewritten_in_place_across_switches(pipe):
 
 
 def test_graphed_unet_runs_eagerly_off_cuda_and_leaves_the_unet_as_it_was(pipe):
-    unet, runtime, sets = runtime_on(pipe, "cpu", fuse_single=False)
+    unet, runtime, sets = runtime_on(pipe, "cpu", single="bound")
     graphed = GraphedUNet(unet, runtime.graph_key)
     x = inputs(2, "cpu")
     runtime.activate([sets[0]])
@@ -89,8 +91,9 @@ def exact_fp32():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graph_replays_match_eager_across_switches_without_recapture(pipe, exact_fp32):
-    unet, runtime, sets = runtime_on(pipe, "cuda", fuse_single=True)
+@pytest.mark.parametrize("single", ["fused", "slot"])
+def test_graph_replays_match_eager_across_switches_without_recapture(pipe, exact_fp32, single):
+    unet, runtime, sets = runtime_on(pipe, "cuda", single=single)
     graphed = GraphedUNet(unet, runtime.graph_key)
     x = inputs(4, "cuda")
     # The bank holds 3 sets. The first fuse (slot 1) records every slot's fuse, so slot 2's first fuse already
@@ -98,15 +101,17 @@ def test_graph_replays_match_eager_across_switches_without_recapture(pipe, exact
     plans = [[()] * 2, [sets[0]] * 2, [sets[1]] * 2, [sets[0], sets[1]], [sets[2], ()], [sets[1], sets[0]], [sets[3]] * 2, [sets[2]] * 2]
     with torch.no_grad(), graphed.installed():
         for rows in plans:
-            runtime.activate(rows, fuse=False)  # the reference: eager, a one-set batch through hooks, not fused
+            runtime.activate(rows, single="bound")  # the reference: eager, a one-set batch through hooks, not fused
             expected = graphed.eager(**x).sample
             runtime.activate(rows)
             for _ in range(2):
                 torch.testing.assert_close(unet(**x).sample, expected, rtol=1e-4, atol=1e-4)
-    assert graphed.captures == 2  # one idle/fused graph, one mixed-rows graph (rank 4, 2 requests): switches re-use them
+    # One idle (and fused) graph, one mixed-rows graph (rank 4, 2 requests), and with the single slot its graph: switches re-use them.
+    assert graphed.captures == (2 if single == "fused" else 3)
     assert graphed.replays == 2 * len(plans)
-    assert runtime._resident[(("k2", 1.0),)] == 2
-    assert runtime.slots["unet"]._graphs._graphs.keys() >= {("fuse", 1), ("fuse", 2), ("fuse", 3)}  # fuses recorded as graphs
+    if single == "fused":
+        assert runtime._resident[(("k2", 1.0),)] == 2
+        assert runtime.slots["unet"]._graphs._graphs.keys() >= {("fuse", 1), ("fuse", 2), ("fuse", 3)}  # fuses recorded as graphs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -123,7 +128,7 @@ def test_sampler_on_cuda_gives_the_eager_images_through_graphs(family, tiny_sd_d
     registry = Registry(tmp_path / "registry")
     for u in range(2):
         registry.for_user(f"user{u}").put(random_adapter(BaseSpec.from_base(base), rank=8, seed=u, std=0.1), base, "pet", trigger="sks", class_word="dog")
-    sampler = Sampler(base, registry, ServingConfig(runtime=RuntimeConfig(fuse_single=True)))  # the CUDA default, explicit
+    sampler = Sampler(base, registry, ServingConfig(runtime=RuntimeConfig(single="fused")))  # the CUDA default, explicit
     requests = [Request("a photo of <pet> on the beach", user=f"user{u}", seed=u, steps=3, guidance_scale=4.0) for u in range(2)]
 
     def images(reqs):

@@ -61,14 +61,16 @@ def one_set(runtime, weighted, key="s"):
 
 
 def runtime_for(unet, path, monkeypatch, **config):
-    """A runtime whose one-set batches take ``path``: bound (read in place), a bank slot, or fused."""
-    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(**{**CONFIG.__dict__, "fuse_single": path == "fused", **config}))
-    if path == "bank":  # what a host-packed adapter on a GPU model takes
+    """A runtime whose one-set batches take ``path``: bound (read in place), the single slot, fused,
+    or ``unbindable``: bound asked for, but the packed tensors are elsewhere (a host pack for a GPU model)."""
+    single = "bound" if path == "unbindable" else path
+    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(**{**CONFIG.__dict__, "single": single, **config}))
+    if path == "unbindable":
         monkeypatch.setattr(runtime.slots["unet"], "can_bind", lambda parts: False)
     return runtime
 
 
-PATHS = ["bound", "bank", "fused"]
+PATHS = ["bound", "slot", "fused", "unbindable"]
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -141,7 +143,7 @@ def test_text_encoder_slots_match_peft(pipe, spec):
 def test_switching_copies_into_the_same_buffers_and_restores_the_base_exactly(unet, spec):
     x = inputs(2)
     base_out = forward(unet, *x)
-    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(**{**CONFIG.__dict__, "fuse_single": True}))
+    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(**{**CONFIG.__dict__, "single": "fused"}))
     slots = runtime.slots["unet"]
     pointers = lambda: [t.data_ptr() for t in (*slots.a, *slots.bt, *(layer.weight for layer in slots.layers.values()))]
     before = pointers()
@@ -185,17 +187,47 @@ def test_runtime_for_a_pipeline_covers_unet_and_text_encoders(pipe):
         runtime.close()
 
 
-def test_unset_fuse_choice_fuses_only_on_cuda(unet, spec):
-    """One adapter set per batch: slots on the CPU (hooks cost ~1% there), fused weights on CUDA (eager hooks measured +21-34% there)."""
-    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(**{**CONFIG.__dict__, "fuse_single": None}))
+def test_unset_single_path_fuses_only_on_cuda(unet, spec):
+    """One adapter set per batch: bound on the CPU (hooks cost ~1% there), fused weights on CUDA (eager hooks measured +21-34% there)."""
+    runtime = LoraRuntime({"unet": unet}, CONFIG)
     weight = next(iter(runtime.slots["unet"].layers.values())).weight.clone()
     runtime.activate([one_set(runtime, [(make(spec, 1), 1.0)])] * 2)
-    assert not runtime.slots["unet"].fused
+    assert runtime.single_path == "bound" and not runtime.slots["unet"].fused
     torch.testing.assert_close(next(iter(runtime.slots["unet"].layers.values())).weight, weight, rtol=0, atol=0)
     if torch.cuda.is_available():  # pragma: no cover - CPU in CI
-        gpu = LoraRuntime({"unet": copy.deepcopy(unet).cuda()}, RuntimeConfig(**{**CONFIG.__dict__, "fuse_single": None}))
+        gpu = LoraRuntime({"unet": copy.deepcopy(unet).cuda()}, CONFIG)
         gpu.activate([one_set(gpu, [(make(spec, 1), 1.0)])] * 2)
         assert gpu.slots["unet"].fused
+
+
+def test_single_slot_is_refilled_in_place_only_when_the_set_changes(unet, spec):
+    """The single slot's buffers never move (a captured graph reads them) and the graph key stays the same
+    across switches of one rank; re-activating the set it holds copies nothing."""
+    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(**{**CONFIG.__dict__, "single": "slot"}))
+    slots, x = runtime.slots["unet"], inputs(2)
+    first, second = (one_set(runtime, [(make(spec, s), 1.0)], f"k{s}") for s in (1, 2))
+    runtime.activate([first] * 2)
+    key, out_first = runtime.graph_key(), forward(unet, *x)
+    loads = []
+    original = slots.load
+    slots.load = lambda slot, parts: (loads.append(slot), original(slot, parts))
+    runtime.activate([second] * 2)
+    assert runtime.graph_key() == key == ("slot", runtime.single_slot, 4)
+    assert not (forward(unet, *x) - out_first).abs().max() < 1e-3  # the second adapter really replaced the first
+    runtime.activate([second] * 2)
+    runtime.activate([first, ()])  # a mixed batch goes to the bank, leaving the single slot as it is
+    runtime.activate([second] * 2)
+    assert loads == [runtime.single_slot, 1]
+    runtime.activate([first] * 2)
+    torch.testing.assert_close(forward(unet, *x), out_first, rtol=0, atol=0)
+    assert runtime.single_slot not in runtime._resident.values()
+
+
+def test_unknown_single_path_is_refused(unet):
+    with pytest.raises(ValueError, match="single must be one of"):
+        RuntimeConfig(single="fast")
+    with pytest.raises(ValueError, match="single must be one of"):
+        LoraRuntime({"unet": unet}, CONFIG).activate([()], single="fast")
 
 
 def test_packed_adapter_is_one_buffer_so_a_move_is_one_copy(unet, spec):

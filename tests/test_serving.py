@@ -17,6 +17,7 @@ from adapters.validate import BaseSpec
 from gen.base import load_base
 from gen.concepts import UnknownConcept
 from gen.errors import InvalidRequest
+from gen.lora_runtime import RuntimeConfig
 from gen.sampler import Request, Sampler
 from gen.serving import ServingConfig
 
@@ -102,6 +103,16 @@ def test_mentions_and_a_style_match_diffusers_with_the_same_adapters(sampler, so
         {"user": "alice", "concept": "cat", "version": 1, "weight": 0.5, "kind": "concept"},
         {"user": "alice", "concept": "watercolor", "version": 1, "weight": 0.6, "kind": "style"},
     )
+
+
+@pytest.mark.parametrize("single", ["slot", "fused"])
+def test_every_one_set_path_serves_the_image_the_bound_path_does(sampler, source, tiny_sd_dir, single):
+    """The CPU default (bound) matches diffusers above; the single slot and fused weights must give that image too."""
+    other = Sampler(load_base(tiny_sd_dir), source, ServingConfig(runtime=RuntimeConfig(single=single)))
+    assert other.serving.runtime.single_path == single
+    for prompt in ("a photo of <rex:0.8> with <cat:0.5>", "a <rex> on the beach"):  # composed, then a switch to one adapter
+        ours = other.generate(prompt, user="alice", seed=3, **STEPS)
+        assert same_image(ours.images[0], sampler.generate(prompt, user="alice", seed=3, **STEPS).images[0])
 
 
 def test_unknown_concepts_and_other_users_concepts_are_refused(sampler):
@@ -224,5 +235,8 @@ def test_benchmark_quick_mode_writes_its_json(tmp_path):
     assert {"p50_ms", "p95_ms", "throughput_rps", "hit_rate"} <= result["load_test"].keys()
     step = model["step"]  # off CUDA the graphs run eagerly: same outputs, nothing captured
     assert step["checks"]["captures"] == 0 and step["checks"]["graph_vs_eager_mixed"] == 0
-    assert step["checks"]["graph_fused_vs_hooks"] < 1e-4 and "diffusers_compiled_ms" not in step
+    assert step["checks"]["graph_fused_vs_hooks"] < 1e-4 and step["checks"]["graph_slot_vs_hooks"] < 1e-4 and "diffusers_compiled_ms" not in step
+    assert {"ratio_fused_1", "ratio_slot_1", "ratio_slot_2"} <= step["graphed_forward"].keys()
+    assert {"step_ms", "throughput_mixed_vs_one_user"} <= step["slot"].keys()
+    assert model["switch"]["ours_path"] == "bound" and model["switch"]["ours_slot_ms"] > 0  # the CPU default, and the slot path beside it
     assert "switch" in done.stdout
