@@ -84,7 +84,7 @@ TINY_UNET = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     attention_head_dim=8, norm_num_groups=8, cross_attention_dim=TINY.cross_attention_dim,
 )
-SWITCH_CASES = {"bound": "bound", "slot": "slot", "fused": "fused", "bank_copy": "copy", "resident": "resident"}  # JSON name -> case
+SWITCH_PATHS = ("bound", "slot", "fused", "bank_copy", "resident")  # the switch cases, as named in the JSON
 TARGETS = {
     "switch": 50.0, "cold_load": 10.0, "forward_1": 1.10, "forward_2": 1.15, "batch_vs_one_user": 0.95, "batch_vs_diffusers": 2.0,
     "step_vs_diffusers_eager": 2.0, "step_vs_diffusers_compiled": 1.3, "stall_s": 5.0,
@@ -252,7 +252,7 @@ class Bench:
                 "slot": (self.activate([()]), cycling("slot")),  # a copy into the single slot
                 "fused": (self.activate([()]), cycling("fused")),
                 # more sets than bank slots, so each call copies
-                "copy": (self.activate([()]), cycling(mixed=True)),
+                "bank_copy": (self.activate([()]), cycling(mixed=True)),
                 "resident": (warm_pair, lambda: [self.runtime.activate([sets[hot() % 2], ()]) for _ in range(calls)]),
                 "diffusers": (lambda: None, lambda: [self.peft.set_adapters(f"u{theirs() % 2}") for _ in range(calls)]),
             },
@@ -448,11 +448,9 @@ class Bench:
             "case": {"name": self.case.name, "latent": self.case.latent, "dtype": str(self.case.dtype).removeprefix("torch."), "rank": self.case.rank, "rows": 2, "batch_requests": self.case.requests},
             "switch": {
                 "ours_path": path,
-                "ours_ms": switch[path], "ours_bound_ms": switch["bound"], "ours_slot_ms": switch["slot"], "ours_fused_ms": switch["fused"],
-                "ours_bank_copy_ms": switch["copy"], "ours_resident_ms": switch["resident"],
-                "diffusers_set_adapters_ms": switch["diffusers"],
-                "speedup": switch["diffusers"] / switch[path],
-                **{f"speedup_{name}": switch["diffusers"] / switch[case] for name, case in SWITCH_CASES.items()},
+                "ours_ms": switch[path], "diffusers_set_adapters_ms": switch["diffusers"], "speedup": switch["diffusers"] / switch[path],
+                **{f"ours_{name}_ms": switch[name] for name in SWITCH_PATHS},
+                **{f"speedup_{name}": switch["diffusers"] / switch[name] for name in SWITCH_PATHS},
             },
             "cold_load": {
                 "ours_ms": cold["ours"], "ours_registry_read_ms": cold["ours_read"], "diffusers_load_lora_adapter_ms": cold["diffusers"],
