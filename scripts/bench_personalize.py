@@ -46,6 +46,7 @@ from adapters.fidelity import FidelitySettings, world_captions, world_fidelity_h
 from adapters.registry import Registry  # noqa: E402
 from adapters.samples import sample_subject_images, subject_instance  # noqa: E402
 from adapters.train import TrainJob, class_images, personalize_many, resolve_config  # noqa: E402
+from adapters.train.config import add_config_arguments, overrides_from_args  # noqa: E402
 from gen import world  # noqa: E402
 from gen.base import Base, load_base  # noqa: E402
 from gen.lora_runtime import UNET_TARGETS  # noqa: E402
@@ -274,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--parts", nargs="+", choices=BenchSettings.parts, default=None, help="run only these parts (default: all three)")
     parser.add_argument("--registry", default=None, help="registry folder (default: a temporary one)")
     parser.add_argument("--out", default="runs/bench_personalize.json")
+    add_config_arguments(parser)  # any training option, for every run (--seeds still sets the subjects part's seeds)
     args = parser.parse_args(argv)
 
     settings = QUICK if args.quick else FULL
@@ -292,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
         settings = replace(settings, users_in_job=args.users_in_job)
     if args.preset is not None:
         settings = replace(settings, preset=args.preset)
+    if overrides := overrides_from_args(args):
+        settings = replace(settings, overrides={**settings.overrides, **overrides})
     if args.bare_captions:
         settings = replace(settings, auto_captions=False)
     if args.parts:

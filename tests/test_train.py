@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from adapters.registry import Registry
 from adapters.samples import save_sample_subject
@@ -177,10 +178,11 @@ def test_class_rows_carry_the_class_prompt_or_the_photos_captions_without_the_tr
         assert set(class_rows) == {"a mug"}
 
 
-def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_sd_dir, photos, tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])  # with an average of the weights, its state resumes too
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_sd_dir, photos, tmp_path, ema_decay):
     base = load_base(tiny_sd_dir)
     job = [TrainJob("carol", "m", photos, "mug")]
-    settings = dict(steps=4, lr=1e-2, checkpoint_every=1, keep_checkpoints=2, **FAST)
+    settings = dict(steps=4, lr=1e-2, checkpoint_every=1, keep_checkpoints=2, ema_decay=ema_decay, **FAST)
     (straight,) = train_adapters(base, job, resolve_config(base, output_dir=str(tmp_path / "a"), **settings))
 
     def stop_after_two(step, total, info):
@@ -200,6 +202,24 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny
     for key, tensor in straight.adapter.tensors.items():
         torch.testing.assert_close(resumed.adapter.tensors[key], tensor)
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint-000003", "checkpoint-000004"]
+
+
+def test_ema_saves_the_moving_average_of_the_weights_each_step_had(tiny_sd_dir, photos, tmp_path):
+    """Each checkpoint holds that step's live LoRA weights; the adapter must be their moving average with
+    diffusers' EMAModel schedule: decay min(ema_decay, t / (9 + t)) at step t (0 at the first step)."""
+    base = load_base(tiny_sd_dir)
+    ema_decay, steps = 0.2, 4
+    cfg = resolve_config(base, steps=steps, lr=1e-2, checkpoint_every=1, keep_checkpoints=steps, ema_decay=ema_decay, output_dir=str(tmp_path / "run"), **FAST)
+    (result,) = train_adapters(base, [TrainJob("erin", "m", photos, "mug")], cfg)
+    average = None
+    for t in range(1, steps + 1):
+        live = load_file(str(tmp_path / "run" / f"checkpoint-{t:06d}" / "lora.safetensors"))
+        total = sum(v.double().sum() for k, v in live.items() if k.startswith("0."))  # model 0: the UNet's LoRA (an average is linear)
+        decay = min(ema_decay, t / (9 + t)) if t > 1 else 0.0
+        average = total if average is None else decay * average + (1 - decay) * total
+    got = sum(v.double().sum() for k, v in result.adapter.tensors.items() if k.startswith("unet."))
+    assert abs(float(got - total)) > 1e-3  # the average is not the last step's weights
+    assert float(got) == pytest.approx(float(average), rel=1e-4, abs=1e-5)
 
 
 def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_sd_dir, photos, tmp_path):
@@ -228,6 +248,7 @@ def test_presets_options_and_command_line_flags(tiny_sd_dir):
         ({"rank": 0}, "rank must be between 1 and 1024"),
         ({"resolution": 63}, "resolution must be a multiple of 2"),
         ({"seed": -1}, "seed must be >= 0, got -1"),
+        ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\), got 1.0"),
         ({"mixed_precision": "fp16"}, "fp16 needs a CUDA device"),
         ({"trigger": "zwx", "new_token": True}, "either a trigger or new_token"),
         ({"prior_distill": False, "prior_context": True}, "prior_context needs prior_preservation and prior_distill"),

@@ -77,6 +77,7 @@ class TrainConfig:
     weight_decay: float = _opt(1e-2, "AdamW weight decay on LoRA weights (never on token embeddings)")
     max_grad_norm: float = _opt(1.0, "gradient clipping, per user's adapter")
     min_snr_gamma: float = _opt(0.0, "min-SNR loss weighting with this gamma, e.g. 5 (0: off)")
+    ema_decay: float = _opt(0.0, "save an exponential moving average of the trained weights with at most this decay, e.g. 0.99 (0: off; diffusers' EMAModel, its warmup included)")
     mixed_precision: str | None = _opt(None, "no, fp16 or bf16 (default: the base's dtype)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass to save memory")
     seed: int = _opt(0, "seed of LoRA init, batches and noise; equal seeds give equal adapters")
@@ -233,6 +234,7 @@ def _check(cfg: TrainConfig, base) -> None:
         need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
     need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
     need(cfg.min_snr_gamma >= 0, f"min_snr_gamma must be >= 0, got {cfg.min_snr_gamma}")
+    need(0 <= cfg.ema_decay < 1, f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
     need(cfg.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {cfg.mixed_precision!r}")
     if _precision_of(base) == "fp16":
         need(cfg.mixed_precision == "fp16", "the base is loaded in float16, so training needs mixed_precision fp16 (or load the base in float32)")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
-from diffusers.training_utils import cast_training_params, compute_snr
+from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -147,6 +147,10 @@ def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerat
     *prepared, optimizer = accelerator.prepare(*trainable.values(), optimizer)
     models = dict(zip(trainable, prepared))
     _register_checkpoint_hooks(accelerator)
+    every_param = [p for params in user_params for p in params]
+    ema = EMAModel(every_param, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # resumed with the optimizer, so a resumed run ends on the same average
 
     encode = PromptEncoder(lora.tokenizers, {n: models.get(n, m) for n, m in lora.text_encoders.items()}, base.family, accelerator.device)
     text_trains = any(name != "unet" for name in trainable)
@@ -199,6 +203,8 @@ def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerat
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += seen / cfg.grad_accum
+        if ema is not None:
+            ema.step(every_param)
         for k in range(len(jobs)):
             curves[k].append(float(step_loss[k]))
         done = step + 1
@@ -209,6 +215,8 @@ def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerat
         if report is not None:  # last: a callback that raises (a cancelled job) leaves this step checkpointed
             report(done, cfg.steps, {"phase": "train", "loss": float(step_loss.mean()), "lr": cfg.lr * lr_scale, "users": len(jobs)})
     lora.train(False)
+    if ema is not None:  # the average is what gets evaluated and saved
+        ema.copy_to(every_param)
     return curves, time.perf_counter() - loop_started
 
 
