@@ -8,7 +8,8 @@ random timesteps, and regresses the UNet's output on the scheduler's target (eps
 the base was trained), each row routed through its own user's LoRA. With ``prior_distill`` class rows
 regress on the base's own prediction instead (the LoRA switched off for one no-grad forward), which
 also lets them carry captions their images do not show (``prior_context``). The loss is a sum of per-user
-means, and gradients are clipped per user, so each adapter trains as it would alone.
+means, and gradients are clipped per user, so each adapter trains as it would alone. With ``ema_decay`` the
+weights saved are a moving average over the steps (diffusers' ``EMAModel``) rather than the last step's.
 
 Several processes (``accelerate launch``) train data-parallel: each draws its own rows and DDP
 averages the gradients. Only the main process generates class images, validation images and
