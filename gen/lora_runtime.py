@@ -72,8 +72,13 @@ class RuntimeConfig:
     single: str | None = None
 
     def __post_init__(self):
-        if self.single is not None and self.single not in SINGLE_PATHS:
-            raise ValueError(f"single must be one of {SINGLE_PATHS} or None, not {self.single!r}")
+        if self.single is not None:
+            _check_single(self.single)
+
+
+def _check_single(single: str) -> None:
+    if single not in SINGLE_PATHS:
+        raise ValueError(f"single must be one of {SINGLE_PATHS}, not {single!r}")
 
 
 @dataclass(frozen=True)
@@ -527,8 +532,7 @@ class LoraRuntime:
         through bank slots.
         """
         single = single or self.single_path
-        if single not in SINGLE_PATHS:
-            raise ValueError(f"single must be one of {SINGLE_PATHS}, not {single!r}")
+        _check_single(single)
         keys = [set_key(s) for s in rows]
         distinct = {k: s for k, s in zip(keys, rows) if s}
         if len(distinct) > self.config.bank_size:

@@ -381,10 +381,13 @@ class Bench:
                 run()
             captures = graphed.captures
             diffusers_eager = (lambda: self.peft.set_adapters("u0"), self.forward(self.peft, self.pair))
+            # each one-set path's step, and its switch followed by a step: timed again beside the compiled baseline
+            per_path = {
+                name: case for single in ("fused", "slot")
+                for name, case in ((single, modes[single]), (f"{single}_switch", (self.activate(one, single), switch_and_step(single))))
+            }
             t = self.clock.round_robin(
-                modes | {
-                    "fused_switch": (self.activate(one, "fused"), switch_and_step("fused")),
-                    "slot_switch": (self.activate(one, "slot"), switch_and_step("slot")),
+                modes | per_path | {
                     "mixed_activate": (self.activate(many, "fused"), self.activate(users)),  # once per batch
                     "diffusers_eager": diffusers_eager,
                 },
@@ -394,11 +397,7 @@ class Bench:
                 compiled_step, hotswap, compile_stalls = self.compiled_hotswap()
                 stalls |= compile_stalls
                 c = self.clock.round_robin(
-                    {
-                        "fused": modes["fused"],
-                        "slot": modes["slot"],
-                        "fused_switch": (self.activate(one, "fused"), switch_and_step("fused")),
-                        "slot_switch": (self.activate(one, "slot"), switch_and_step("slot")),
+                    per_path | {
                         "diffusers_compiled": (lambda: None, compiled_step),
                         "diffusers_hotswap_step": (lambda: None, lambda: (hotswap(), compiled_step())),
                         "diffusers_eager": diffusers_eager,
