@@ -49,6 +49,7 @@ from adapters.train import TrainJob, class_images, personalize_many, resolve_con
 from adapters.train.config import add_config_arguments, overrides_from_args  # noqa: E402
 from gen import world  # noqa: E402
 from gen.base import Base, load_base  # noqa: E402
+from gen.errors import InvalidRequest  # noqa: E402
 from gen.lora_runtime import UNET_TARGETS  # noqa: E402
 
 TARGETS = {
@@ -301,6 +302,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.parts:
         settings = replace(settings, parts=tuple(args.parts))
     base = load_base(args.base)
+    for seed in settings.seeds:  # every run's options, checked before the first of many minutes of training
+        try:
+            resolve_config(base, settings.preset, **{**settings.overrides, "seed": seed})
+        except InvalidRequest as err:
+            parser.error(str(err))
     if base.defaults.stand_in:
         print("note: the base is an untrained stand-in; fidelity numbers are meaningless until the trained base ships")
     started = time.perf_counter()

@@ -368,6 +368,10 @@ def test_bench_quick_writes_the_expected_json(tiny_sd_dir, tmp_path):
     assert row["subject_fidelity"] == pytest.approx(sum(fidelity) / 2) and (row["subject_fidelity_min"], row["subject_fidelity_max"]) == (min(fidelity), max(fidelity))
     with pytest.raises(SystemExit):
         bench_personalize.main(["--quick", "--subjects", "robot-500"])  # pretrained on, not held out
+    for bad in (["--seeds", "0", "-1"], ["--lr", "nan"]):  # refused before any training, not at the second seed's run
+        with pytest.raises(SystemExit):
+            bench_personalize.main(["--quick", "--base", tiny_sd_dir, "--parts", "subjects", "--out", str(tmp_path / "refused.json"), *bad])
+    assert not (tmp_path / "refused.json").exists()
 
 
 def test_multi_user_bench_quick_times_ours_peft_and_alone(tiny_sd_dir, tmp_path):
