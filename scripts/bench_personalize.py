@@ -12,7 +12,7 @@ Three parts, all written to one JSON file and printed as tables:
    wall time, subject fidelity (identity similarity to the photos relative to real-vs-real), prompt fidelity
    over 8 prompts (new backgrounds, positions, accessories, a colour change) and prior drift of the plain
    class prompt against the base alone; and the seeds' lowest and highest subject fidelity. One seed's figure
-   can be far from the subject's typical adapter (car-0: 0.511 / 0.737 / 0.828 for seeds 2 / 0 / 1), so a single
+   can be far from the subject's typical adapter (car-0: 0.705 / 0.846 / 0.831 for seeds 2 / 0 / 1), so a single
    run per subject says little about the adapter a user gets.
 2. **Ablation**: rank 4 vs 16, prior preservation (and its target: the class images' noise, the
    base's own prediction, or that plus the photos' captions without the trigger), text-encoder LoRA

@@ -392,6 +392,8 @@ def train_diffusion(cfg: PretrainConfig, accel: Accelerator, vae: AutoencoderKL,
         start = json.loads((ckpt / "step.json").read_text())["step"]
         ema.to(accel.device)  # the loaded EMA state arrives on the CPU
         accel.print(f"resumed from step {start}")
+    if start >= cfg.steps:  # nothing to train (a decoder-only run: --steps 0): skip encoding the whole pool
+        return ema_pipeline(ema, params, vae, accel.unwrap_model(text_encoder), tokenizer, accel.unwrap_model(unet), keep=True)
 
     means, stds = encode_pool(vae, pool.images, accel.device)
     noise = noise_scheduler()
