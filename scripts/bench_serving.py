@@ -382,10 +382,10 @@ class Bench:
             captures = graphed.captures
             diffusers_eager = (lambda: self.peft.set_adapters("u0"), self.forward(self.peft, self.pair))
             # each one-set path's step, and its switch followed by a step: timed again beside the compiled baseline
-            per_path = {
-                name: case for single in ("fused", "slot")
-                for name, case in ((single, modes[single]), (f"{single}_switch", (self.activate(one, single), switch_and_step(single))))
-            }
+            per_path = {}
+            for single in ("fused", "slot"):
+                per_path[single] = modes[single]
+                per_path[f"{single}_switch"] = (self.activate(one, single), switch_and_step(single))
             t = self.clock.round_robin(
                 modes | per_path | {
                     "mixed_activate": (self.activate(many, "fused"), self.activate(users)),  # once per batch
