@@ -93,13 +93,14 @@ class BaseSpec:
     family: str
     modules: Mapping[str, ModuleShape]
     embedding_dims: Mapping[str, int] = field(default_factory=dict)
+    weights_fingerprint: str | None = None  # every weight's, the VAE's too: what adapters recorded before the VAE was left out
 
     @classmethod
     def from_base(cls, base: Base) -> BaseSpec:
-        return cls.from_pipeline(base.pipe, base.fingerprint, base.family)
+        return cls.from_pipeline(base.pipe, base.fingerprint, base.family, base.fingerprints.weights)
 
     @classmethod
-    def from_pipeline(cls, pipe, fingerprint: str, family: str) -> BaseSpec:
+    def from_pipeline(cls, pipe, fingerprint: str, family: str, weights_fingerprint: str | None = None) -> BaseSpec:
         modules: dict[str, ModuleShape] = {}
         dims: dict[str, int] = {}
         for component in COMPONENTS:
@@ -112,7 +113,7 @@ class BaseSpec:
                     modules[f"{component}.{name}"] = shape
             if component.startswith("text_encoder"):
                 dims[component] = int(model.get_input_embeddings().weight.shape[1])
-        return cls(fingerprint=fingerprint, family=family, modules=modules, embedding_dims=dims)
+        return cls(fingerprint=fingerprint, family=family, modules=modules, embedding_dims=dims, weights_fingerprint=weights_fingerprint)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -121,7 +122,7 @@ class BaseSpec:
     def from_json(cls, text: str) -> BaseSpec:
         data = json.loads(text)
         modules = {k: ModuleShape(v["kind"], v["in_features"], v["out_features"], tuple(v["kernel"])) for k, v in data["modules"].items()}
-        return cls(data["fingerprint"], data["family"], modules, data["embedding_dims"])
+        return cls(data["fingerprint"], data["family"], modules, data["embedding_dims"], data.get("weights_fingerprint"))
 
 
 def _module_shape(module: torch.nn.Module) -> ModuleShape | None:
@@ -247,7 +248,7 @@ def split_lora_key(key: str) -> tuple[str, str]:
 
 def validate_adapter(adapter: LoraAdapter, spec: BaseSpec, limits: Limits = Limits()) -> None:
     """Check an adapter's claims and tensors against ``spec``; raises :class:`InvalidAdapter` on the first problem."""
-    if adapter.base_fingerprint != spec.fingerprint:
+    if adapter.base_fingerprint not in (spec.fingerprint, spec.weights_fingerprint):
         raise BaseMismatch(f"adapter was made for base {adapter.base_fingerprint!r} but the base given is {spec.fingerprint!r}")
     if not isinstance(adapter.rank, int) or not 1 <= adapter.rank <= limits.max_rank:
         raise InvalidAdapter(f"rank {adapter.rank!r} is not an integer between 1 and {limits.max_rank}")

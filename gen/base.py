@@ -1,4 +1,4 @@
-"""Loading a base text-to-image model, and the fingerprint adapters are checked against.
+"""Loading a base text-to-image model, and the fingerprints adapters and caches are checked against.
 
 A base is loaded once per process and never moves; everything per user is small and moves
 around it. ``load_base`` accepts the built-in model, any local diffusers folder of the SD
@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -29,8 +29,9 @@ PIPELINE_FAMILIES: dict[str, tuple[str, type[DiffusionPipeline]]] = {
     "StableDiffusionPipeline": ("sd", StableDiffusionPipeline),
     "StableDiffusionXLPipeline": ("sdxl", StableDiffusionXLPipeline),
 }
-# Components whose weights define what an adapter can attach to, in a fixed order.
-WEIGHTED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+# Components whose weights an adapter attaches to or feeds (its fingerprint), then every weighted one, in a fixed order.
+ADAPTED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+WEIGHTED_COMPONENTS = (*ADAPTED_COMPONENTS, "vae")
 BUILTIN_BASE_DIR = BUILTIN_DIR / "base"
 DEFAULTS_FILE = "bespoke.json"
 
@@ -64,11 +65,16 @@ class Base:
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     @cached_property
-    def fingerprint(self) -> str:
+    def fingerprints(self) -> Fingerprints:
         """Identity of the weights, independent of device and dtype (see :func:`fingerprint_folder`)."""
         if self.folder is not None:
             return fingerprint_folder(self.folder)
         return fingerprint_pipeline(self.pipe, self.family)
+
+    @property
+    def fingerprint(self) -> str:
+        """What adapters are made for and checked against: the UNet and text encoders, not the VAE."""
+        return self.fingerprints.adapted
 
     @property
     def vae_scale_factor(self) -> int:
@@ -226,37 +232,71 @@ class _quiet_hf:
 
 # --- fingerprints -----------------------------------------------------------------------------
 #
-# The fingerprint hashes every weight tensor's name, dtype, shape and bytes as stored, component
+# A fingerprint hashes every weight tensor's name, dtype, shape and bytes as stored, component
 # by component. The same weights give the same fingerprint whether they are read from a folder
 # or held by a pipeline built in memory, and whatever device or dtype the pipeline runs in.
 # Hashing a large folder takes seconds, so folder results are cached on disk, keyed by each
 # weight file's path, size and modification time.
 
 
-def _digest_tensors(hasher, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-    for name, tensor in sorted(named, key=lambda kv: kv[0]):
-        t = tensor.detach().to("cpu").contiguous()
-        hasher.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
-        hasher.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+@dataclass(frozen=True)
+class Fingerprints:
+    """Two hashes of a base's weights, made in one pass.
+
+    ``adapted`` covers the UNet and text encoders: what a LoRA adapter attaches to and what its trigger
+    is read by. The VAE is left out, so swapping a VAE (SD1.5's ft-MSE decoder, the built-in base's
+    stage-4 decoder) keeps every adapter. ``weights`` covers every weight, the VAE's too: what caches of
+    generated images (class images) are keyed by, and what adapters recorded as their base's fingerprint
+    before the VAE was left out; those still fit.
+    """
+
+    adapted: str
+    weights: str
+
+    def __contains__(self, fingerprint: object) -> bool:
+        """Whether an adapter recorded for ``fingerprint`` was made for these weights."""
+        return fingerprint in (self.adapted, self.weights)
 
 
-def fingerprint_pipeline(pipe: DiffusionPipeline, family: str) -> str:
-    """Fingerprint of a pipeline held in memory (hashes its state dicts)."""
-    hasher = hashlib.sha256(family.encode())
+class _Hashers:
+    """Feeds one pass over the components into both fingerprints."""
+
+    def __init__(self, family: str):
+        self.adapted, self.weights = hashlib.sha256(family.encode()), hashlib.sha256(family.encode())
+
+    def component(self, component: str, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        hashers = [self.weights] + ([self.adapted] if component in ADAPTED_COMPONENTS else [])
+
+        def update(chunk: bytes) -> None:
+            for hasher in hashers:
+                hasher.update(chunk)
+
+        update(f"#{component}".encode())
+        for name, tensor in sorted(named, key=lambda kv: kv[0]):  # one tensor's bytes at a time
+            t = tensor.detach().to("cpu").contiguous()
+            update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
+            update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+    def result(self) -> Fingerprints:
+        return Fingerprints(self.adapted.hexdigest()[:16], self.weights.hexdigest()[:16])
+
+
+def fingerprint_pipeline(pipe: DiffusionPipeline, family: str) -> Fingerprints:
+    """Fingerprints of a pipeline held in memory (hashes its state dicts)."""
+    hashers = _Hashers(family)
     for name in WEIGHTED_COMPONENTS:
         module = getattr(pipe, name, None)
         if module is not None:
-            hasher.update(f"#{name}".encode())
-            _digest_tensors(hasher, module.state_dict().items())
-    return hasher.hexdigest()[:16]
+            hashers.component(name, module.state_dict().items())
+    return hashers.result()
 
 
 def _weight_files(folder: Path, component: str) -> list[Path]:
     return sorted((folder / component).glob("*.safetensors"))
 
 
-def fingerprint_folder(folder: str | os.PathLike) -> str:
-    """Fingerprint of a diffusers folder, cached on disk by weight-file size and mtime."""
+def fingerprint_folder(folder: str | os.PathLike) -> Fingerprints:
+    """Fingerprints of a diffusers folder, cached on disk by weight-file size and mtime."""
     folder = Path(folder).resolve()
     class_name = _read_model_index(folder).get("_class_name", "")
     family = _family_of(class_name, str(folder))
@@ -266,24 +306,23 @@ def fingerprint_folder(folder: str | os.PathLike) -> str:
     ).hexdigest()
     cache_file = cache_dir() / "fingerprints.json"
     cached = _read_json(cache_file)
-    if key in cached:
-        return cached[key]
+    if isinstance(cached.get(key), dict):  # entries of the single-hash scheme are strings, and are recomputed
+        return Fingerprints(**cached[key])
 
-    hasher = hashlib.sha256(family.encode())
+    hashers = _Hashers(family)
     for component in WEIGHTED_COMPONENTS:
         component_files = _weight_files(folder, component)
         if not component_files:
             continue
-        hasher.update(f"#{component}".encode())
         named = []
         for path in component_files:
             with safe_open(path, framework="pt") as f:
                 named += [(k, f.get_tensor(k)) for k in f.keys()]
-        _digest_tensors(hasher, named)
-    fingerprint = hasher.hexdigest()[:16]
-    cached[key] = fingerprint
+        hashers.component(component, named)
+    fingerprints = hashers.result()
+    cached[key] = asdict(fingerprints)
     _write_json_atomic(cache_file, cached)
-    return fingerprint
+    return fingerprints
 
 
 def _read_json(path: Path) -> dict:

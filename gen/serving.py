@@ -97,7 +97,7 @@ class AdapterServing:
     """Concept resolution, the adapter cache, the LoRA slots and the token pool of one sampler."""
 
     def __init__(self, base: Base, source: AdapterSource, config: ServingConfig = ServingConfig()):
-        self.fingerprint = base.fingerprint  # taken before the token pool resizes the text encoders
+        self.fingerprints = base.fingerprints  # taken before the token pool resizes the text encoders
         self.source = source
         self.config = config
         self.runtime = LoraRuntime.for_pipeline(base.pipe, config.runtime)
@@ -169,8 +169,8 @@ class AdapterServing:
         if adapter.user is not None and unicodedata.normalize("NFC", adapter.user) != unicodedata.normalize("NFC", user):
             # The source is trusted to scope by user; this keeps a faulty one from crossing users anyway.
             raise InvalidRequest(f"the adapter source returned {what} for user {user!r}; another user's adapter is never served")
-        if adapter.base_fingerprint != self.fingerprint:
-            raise AdapterDoesNotFit(f"{what} was trained on base {adapter.base_fingerprint}; this sampler serves base {self.fingerprint}")
+        if adapter.base_fingerprint not in self.fingerprints:
+            raise AdapterDoesNotFit(f"{what} was trained on base {adapter.base_fingerprint}; this sampler serves base {self.fingerprints.adapted}")
         packed = self.runtime.pack(adapter, what, self._pack_device)
         return ServedAdapter((adapter.user, adapter.concept, adapter.version), replace(adapter, tensors={}), packed)
 

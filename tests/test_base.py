@@ -25,7 +25,7 @@ def test_fingerprint_is_stable_and_independent_of_dtype_and_route(tiny_sd_dir):
     assert len(fp) == 16
     assert load_base(tiny_sd_dir, dtype="bfloat16").fingerprint == fp
     assert Base.from_pipeline(build_tiny_pipeline("sd")).fingerprint == fp  # same seed, built in memory
-    assert fingerprint_folder(tiny_sd_dir) == fp  # cached path agrees
+    assert fingerprint_folder(tiny_sd_dir).adapted == fp  # cached path agrees
 
 
 def test_fingerprint_changes_when_any_weight_changes(tiny_sd_dir, tmp_path):
@@ -37,7 +37,22 @@ def test_fingerprint_changes_when_any_weight_changes(tiny_sd_dir, tmp_path):
     tensors[key] = tensors[key].clone()
     tensors[key].view(-1)[0] += 1e-3
     save_file(tensors, weights)
-    assert fingerprint_folder(copy) != fingerprint_folder(tiny_sd_dir)
+    changed, original = fingerprint_folder(copy), fingerprint_folder(tiny_sd_dir)
+    assert changed.adapted != original.adapted and changed.weights != original.weights
+
+
+def test_a_swapped_vae_keeps_the_adapters_fingerprint_and_changes_the_weights_one(tiny_sd_dir, tmp_path):
+    """Adapters never touch the VAE, so a new decoder keeps them; images it decoded (class images) are not reused."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_sd_dir, copy)
+    weights = next((copy / "vae").glob("*.safetensors"))
+    tensors = {k: v + 1e-3 for k, v in load_file(weights).items()}
+    save_file(tensors, weights)
+    swapped, original = load_base(copy), load_base(tiny_sd_dir)
+    assert swapped.fingerprint == original.fingerprint
+    assert swapped.fingerprints.weights != original.fingerprints.weights
+    assert original.fingerprints.weights in original.fingerprints  # what adapters recorded before the VAE was left out
+    assert original.fingerprints.weights not in swapped.fingerprints
 
 
 def test_dtype_override_is_applied(tiny_sd_dir):

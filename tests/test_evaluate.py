@@ -42,6 +42,7 @@ from gen.evaluate import (
     real_vs_real,
     subject_fidelity,
 )
+from gen.evaluator import load_evaluator
 
 CONSTANT = Image.new("RGB", (64, 64), (128, 128, 128))
 
@@ -127,6 +128,19 @@ def test_the_autoencoder_ceiling_is_one_when_lossless_low_when_destructive_and_b
     assert autoencoder_ceiling(base, photos) < 0.3
     with pytest.raises(EvaluationError, match="at least 2"):
         autoencoder_ceiling(base, photos[:1])
+
+
+def test_the_scene_ceiling_scores_the_true_subject_in_the_evaluation_scenes(photos, monkeypatch):
+    from adapters import fidelity
+
+    base, evaluator = load_base("builtin"), load_evaluator()
+    subject, other = subject_instance("robot-3"), subject_instance("robot-4")
+    specs = fidelity.evaluation_specs(subject.cls, 8, 0, subject)
+    builtin = fidelity.scene_ceiling(base, subject, specs, photos, evaluator)
+    assert 0.8 < builtin < 1.05  # the decoder loses a little of the subject, as in the photos' own scenes
+    assert fidelity.scene_ceiling(base, other, specs, photos, evaluator) < builtin - 0.05  # another robot is not this one
+    monkeypatch.setattr(fidelity, "autoencode", lambda base, images: list(images))
+    assert fidelity.scene_ceiling(base, subject, specs, photos, evaluator) == pytest.approx(1.0, abs=0.05)  # lossless: as real vs real
 
 
 def test_the_training_fidelity_hook_samples_with_its_settings_steps_seed_and_guidance(photos, monkeypatch):

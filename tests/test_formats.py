@@ -372,6 +372,10 @@ def test_base_mismatch_is_refused(sd):
     foreign.base_fingerprint = spec.fingerprint  # lies about its base: the shapes give it away
     with pytest.raises(InvalidAdapter):
         validate_adapter(foreign, spec)
+    earlier = random_adapter(spec)
+    earlier.base_fingerprint = base.fingerprints.weights  # recorded when the fingerprint covered the VAE too: it fits
+    validate_adapter(earlier, spec)
+    assert spec.weights_fingerprint == base.fingerprints.weights and BaseSpec.from_json(spec.to_json()) == spec
 
 
 def test_file_claiming_another_base_is_refused(sd, tmp_path):

@@ -17,7 +17,7 @@ from adapters.validate import BaseSpec
 from gen.base import load_base
 from gen.concepts import UnknownConcept
 from gen.errors import InvalidRequest
-from gen.lora_runtime import RuntimeConfig
+from gen.lora_runtime import AdapterDoesNotFit, RuntimeConfig
 from gen.sampler import Request, Sampler
 from gen.serving import ServingConfig
 
@@ -62,6 +62,8 @@ def source(spec):
     src.add(make(spec, "bob", "fox", 4, "qqz", "fox"))
     src.add(make(spec, "carol", "mug", 5, "vvk", "mug"))
     src.add(make(spec, "dave", "car", 6, "ppt", "car"))
+    src.add(make(spec, "erin", "old", 7, "kkv", "dog", base_fingerprint=spec.weights_fingerprint))  # the earlier scheme's record
+    src.add(make(spec, "erin", "foreign", 8, "kkw", "dog", base_fingerprint="0" * 16))
     return src
 
 
@@ -124,6 +126,13 @@ def test_unknown_concepts_and_other_users_concepts_are_refused(sampler):
         sampler.generate("a photo of <rex>", **STEPS)
     with pytest.raises(InvalidRequest, match="reserved token"):
         sampler.generate("a dog", negative_prompt="<bespoke-token-0>", user="alice", **STEPS)
+
+
+def test_adapters_of_this_base_are_served_and_others_refused(sampler):
+    """An adapter recorded with every weight's fingerprint (before the VAE was left out) is still this base's."""
+    assert len(sampler.generate("a photo of <old>", user="erin", **STEPS).images) == 1
+    with pytest.raises(AdapterDoesNotFit, match=f"erin/foreign v1 was trained on base 0{{16}}; this sampler serves base {sampler.base.fingerprint}"):
+        sampler.generate("a photo of <foreign>", user="erin", **STEPS)
 
 
 REQUESTS = [

@@ -178,6 +178,24 @@ def test_class_rows_carry_the_class_prompt_or_the_photos_captions_without_the_tr
         assert set(class_rows) == {"a mug"}
 
 
+@pytest.mark.parametrize("bias", ["later", "earlier"])
+def test_timestep_bias_draws_the_biased_timesteps_more_often_and_changes_nothing_else(tiny_sd_dir, photos, bias):
+    base = load_base(tiny_sd_dir)
+    (job,) = prepare_jobs([TrainJob("u", "m", photos, "mug")], resolve_config(base, "quick"))
+
+    def draws(**options):
+        cfg = resolve_config(base, "quick", batch_size=4, **options)
+        data = TrainingData([job], [[Image.new("RGB", (64, 64), "gray")] * 2], base.pipe.vae, cfg, torch.device("cpu"), 1000)
+        return [data.batch(step, 0, 0) for step in range(200)]
+
+    uniform, biased = draws(), draws(timestep_bias=bias, timestep_bias_multiplier=3.0, timestep_bias_portion=0.25)
+    t = torch.cat([b.timesteps for b in biased])
+    share = float(((t >= 750) if bias == "later" else (t < 250)).float().mean())
+    assert 0.43 < share < 0.57  # 3 x 0.25 / (3 x 0.25 + 0.75) = 0.5 of the draws, against 0.25 uniform
+    for u, b in zip(uniform, biased):  # the same photos, noise and captions: the option moves the timesteps alone
+        assert torch.equal(u.latents, b.latents) and torch.equal(u.noise, b.noise) and u.captions == b.captions
+
+
 @pytest.mark.parametrize("ema_decay", [0.0, 0.5])  # with an average of the weights, its state resumes too
 def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_sd_dir, photos, tmp_path, ema_decay):
     base = load_base(tiny_sd_dir)
@@ -249,6 +267,8 @@ def test_presets_options_and_command_line_flags(tiny_sd_dir):
         ({"resolution": 63}, "resolution must be a multiple of 2"),
         ({"seed": -1}, "seed must be >= 0, got -1"),
         ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\), got 1.0"),
+        ({"timestep_bias": "late"}, "timestep_bias must be one of none, earlier, later, got 'late'"),
+        ({"timestep_bias_portion": 0.0}, r"timestep_bias_portion must be in \(0, 1\], got 0.0"),
         ({"mixed_precision": "fp16"}, "fp16 needs a CUDA device"),
         ({"trigger": "zwx", "new_token": True}, "either a trigger or new_token"),
         ({"prior_distill": False, "prior_context": True}, "prior_context needs prior_preservation and prior_distill"),
@@ -290,7 +310,7 @@ def test_class_images_are_generated_once_per_base_and_prompt(tiny_sd_dir, monkey
     base = load_base(tiny_sd_dir)
     first = class_images(base, "a mug", 3, 64, steps=2)
     folder = class_image_folder(base, "a mug", 64, 2)
-    assert folder.parent.name == base.fingerprint and folder.parent.parent.name == "class_images"
+    assert folder.parent.name == base.fingerprints.weights and folder.parent.parent.name == "class_images"
     monkeypatch.setattr(Sampler, "generate", lambda *a, **k: pytest.fail("class images were generated twice"))
     again = class_images(base, "a mug", 3, 64, steps=2)
     assert [np.asarray(a).tolist() == np.asarray(b).tolist() for a, b in zip(first, again)] == [True] * 3

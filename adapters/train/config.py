@@ -28,6 +28,7 @@ from gen.lora_runtime import TEXT_TARGETS, UNET_TARGETS, RuntimeConfig, matches_
 
 PRESET_NAMES = ("quick", "balanced", "best")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+TIMESTEP_BIASES = ("none", "earlier", "later")
 SMALL_BASE_MAX_SIZE = 128  # bases at or below this resolution use the "builtin" profile
 
 
@@ -77,6 +78,12 @@ class TrainConfig:
     weight_decay: float = _opt(1e-2, "AdamW weight decay on LoRA weights (never on token embeddings)")
     max_grad_norm: float = _opt(1.0, "gradient clipping, per user's adapter")
     min_snr_gamma: float = _opt(0.0, "min-SNR loss weighting with this gamma, e.g. 5 (0: off)")
+    timestep_bias: str = _opt(
+        "none", "draw some training timesteps more often, as diffusers' --timestep_bias_strategy: 'later' (the noisiest, "
+        "where layout and colour are decided), 'earlier' (the cleanest: fine detail) or 'none' (uniform)"
+    )
+    timestep_bias_multiplier: float = _opt(2.0, "with timestep_bias, how many times as often the biased timesteps are drawn")
+    timestep_bias_portion: float = _opt(0.25, "with timestep_bias, the fraction of all timesteps that is biased")
     ema_decay: float = _opt(0.0, "save an exponential moving average of the trained weights with at most this decay, e.g. 0.99 (0: off; diffusers' EMAModel, its warmup included)")
     mixed_precision: str | None = _opt(None, "no, fp16 or bf16 (default: the base's dtype)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass to save memory")
@@ -234,6 +241,9 @@ def _check(cfg: TrainConfig, base) -> None:
         need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
     need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
     need(cfg.min_snr_gamma >= 0, f"min_snr_gamma must be >= 0, got {cfg.min_snr_gamma}")
+    need(cfg.timestep_bias in TIMESTEP_BIASES, f"timestep_bias must be one of {', '.join(TIMESTEP_BIASES)}, got {cfg.timestep_bias!r}")
+    need(cfg.timestep_bias_multiplier > 0, f"timestep_bias_multiplier must be positive, got {cfg.timestep_bias_multiplier}")
+    need(0 < cfg.timestep_bias_portion <= 1, f"timestep_bias_portion must be in (0, 1], got {cfg.timestep_bias_portion}")
     need(0 <= cfg.ema_decay < 1, f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
     need(cfg.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {cfg.mixed_precision!r}")
     if _precision_of(base) == "fp16":

@@ -126,11 +126,11 @@ def prepare_jobs(jobs: Sequence[TrainJob], cfg: TrainConfig, limits: ImageLimits
 
 
 def class_image_folder(base: Base, prompt: str, resolution: int, steps: int) -> Path:
-    """Where the base's images for ``prompt`` live: per base fingerprint, prompt and sampling settings."""
+    """Where the base's images for ``prompt`` live: per base (every weight, the VAE that decoded them too), prompt and sampling settings."""
     d = base.defaults
     settings = json.dumps([prompt, resolution, steps, d.guidance_scale, d.scheduler])
     key = hashlib.sha256(settings.encode()).hexdigest()[:12]
-    return cache_dir() / "class_images" / base.fingerprint / f"{_slug(prompt)[:40]}-{key}"
+    return cache_dir() / "class_images" / base.fingerprints.weights / f"{_slug(prompt)[:40]}-{key}"
 
 
 def class_images(base: Base, prompt: str, n: int, resolution: int, steps: int | None = None, progress: Progress | None = None) -> list[Image.Image]:
@@ -233,6 +233,21 @@ def encode_images(vae, images: Sequence[Image.Image], device: torch.device, mirr
     return (torch.stack(means, 1) - shift) * scale, torch.stack(stds, 1) * scale
 
 
+def timestep_weights(cfg: TrainConfig, num_train_timesteps: int) -> torch.Tensor | None:
+    """Relative odds of drawing each training timestep (None: uniform), as diffusers' ``generate_timestep_weights``.
+
+    'later' favours the noisiest timesteps, where a sample's layout and colours are decided: a subject that
+    melts into a background of its own colours is lost there, not in the last denoising steps.
+    """
+    if cfg.timestep_bias == "none":
+        return None
+    weights = torch.ones(num_train_timesteps)
+    n = max(1, int(cfg.timestep_bias_portion * num_train_timesteps))
+    biased = slice(num_train_timesteps - n, None) if cfg.timestep_bias == "later" else slice(0, n)
+    weights[biased] *= cfg.timestep_bias_multiplier
+    return weights
+
+
 @dataclass
 class Batch:
     """Rows of one micro-step: each user's instance rows, then their class rows."""
@@ -277,6 +292,7 @@ class TrainingData:
         self.cfg = cfg
         self.device = device
         self.timesteps = num_train_timesteps
+        self.timestep_weights = timestep_weights(cfg, num_train_timesteps)
         self.users: list[_UserData] = []
         r = cfg.resolution
         class_latents = {}  # jobs of one class word share their class images
@@ -327,7 +343,11 @@ class TrainingData:
         rows = len(mean)
         latents = mean + std * torch.randn(mean.shape, generator=g).to(self.device)
         noise = torch.randn(mean.shape, generator=g).to(self.device)
-        timesteps = torch.randint(0, self.timesteps, (rows,), generator=g).to(self.device)
+        if self.timestep_weights is None:
+            timesteps = torch.randint(0, self.timesteps, (rows,), generator=g)
+        else:
+            timesteps = torch.multinomial(self.timestep_weights, rows, replacement=True, generator=g)
+        timesteps = timesteps.to(self.device)
         users = torch.full((rows,), k, dtype=torch.long)
         prior = torch.arange(rows) >= b  # instance rows, then class rows
         return latents, noise, timesteps, captions, time_ids, users, torch.cat(weights), prior

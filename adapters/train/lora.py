@@ -311,7 +311,7 @@ class Attachment:
         for name, tokenizer in self.tokenizers.items():
             setattr(pipe, name, tokenizer)
         view = replace(base, pipe=pipe)
-        view.__dict__["fingerprint"] = base.fingerprint  # the base's identity, not a hash of the models with LoRA in them
+        view.__dict__["fingerprints"] = base.fingerprints  # the base's identity, not a hash of the models with LoRA in them
         return view
 
     # --- results ---
