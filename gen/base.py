@@ -306,8 +306,10 @@ def fingerprint_folder(folder: str | os.PathLike) -> Fingerprints:
     ).hexdigest()
     cache_file = cache_dir() / "fingerprints.json"
     cached = _read_json(cache_file)
-    if isinstance(cached.get(key), dict):  # entries of the single-hash scheme are strings, and are recomputed
-        return Fingerprints(**cached[key])
+    entry = cached.get(key) if isinstance(cached, dict) else None
+    if isinstance(entry, dict) and set(entry) == {"adapted", "weights"} and all(isinstance(v, str) for v in entry.values()):
+        return Fingerprints(**entry)  # anything else (the single-hash scheme's strings, a damaged file) is recomputed
+    cached = cached if isinstance(cached, dict) else {}
 
     hashers = _Hashers(family)
     for component in WEIGHTED_COMPONENTS:

@@ -41,6 +41,16 @@ def test_fingerprint_changes_when_any_weight_changes(tiny_sd_dir, tmp_path):
     assert changed.adapted != original.adapted and changed.weights != original.weights
 
 
+def test_a_damaged_fingerprint_cache_is_recomputed_not_trusted(tiny_sd_dir):
+    from gen.paths import cache_dir
+
+    expected = fingerprint_folder(tiny_sd_dir)
+    cache = cache_dir() / "fingerprints.json"
+    for damaged in ('{"x": 1}', "[1, 2]", json.dumps({k: {"adapted": 1} for k in json.loads(cache.read_text())}), "not json"):
+        cache.write_text(damaged)
+        assert fingerprint_folder(tiny_sd_dir) == expected
+
+
 def test_a_swapped_vae_keeps_the_adapters_fingerprint_and_changes_the_weights_one(tiny_sd_dir, tmp_path):
     """Adapters never touch the VAE, so a new decoder keeps them; images it decoded (class images) are not reused."""
     copy = tmp_path / "copy"
