@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gen.adapter import COMPONENTS, LoraAdapter
+from gen.adapter import COMPONENTS, Fingerprints, LoraAdapter
 from gen.errors import BespokeError
 
 if TYPE_CHECKING:
@@ -94,6 +94,11 @@ class BaseSpec:
     modules: Mapping[str, ModuleShape]
     embedding_dims: Mapping[str, int] = field(default_factory=dict)
     weights_fingerprint: str | None = None  # every weight's, the VAE's too: what adapters recorded before the VAE was left out
+
+    @property
+    def fingerprints(self) -> Fingerprints:
+        """Both fingerprints, so an adapter fits a spec by the same rule as it fits a loaded base."""
+        return Fingerprints(self.fingerprint, self.weights_fingerprint or self.fingerprint)
 
     @classmethod
     def from_base(cls, base: Base) -> BaseSpec:
@@ -248,7 +253,7 @@ def split_lora_key(key: str) -> tuple[str, str]:
 
 def validate_adapter(adapter: LoraAdapter, spec: BaseSpec, limits: Limits = Limits()) -> None:
     """Check an adapter's claims and tensors against ``spec``; raises :class:`InvalidAdapter` on the first problem."""
-    if adapter.base_fingerprint not in (spec.fingerprint, spec.weights_fingerprint):
+    if adapter.base_fingerprint not in spec.fingerprints:
         raise BaseMismatch(f"adapter was made for base {adapter.base_fingerprint!r} but the base given is {spec.fingerprint!r}")
     if not isinstance(adapter.rank, int) or not 1 <= adapter.rank <= limits.max_rank:
         raise InvalidAdapter(f"rank {adapter.rank!r} is not an integer between 1 and {limits.max_rank}")

@@ -59,3 +59,22 @@ class AdapterSource(Protocol):
     def get(self, user: str, concept: str, version: int | str = "latest") -> LoraAdapter: ...
 
     def concepts(self, user: str) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """Two hashes of a base's weights (made in one pass by :mod:`gen.base`).
+
+    ``adapted`` covers the UNet and text encoders: what a LoRA adapter attaches to and what its trigger
+    is read by. The VAE is left out, so swapping a VAE (SD1.5's ft-MSE decoder, the built-in base's
+    stage-4 decoder) keeps every adapter. ``weights`` covers every weight, the VAE's too: what caches of
+    generated images (class images) are keyed by, and what adapters recorded as their base's fingerprint
+    before the VAE was left out; those still fit.
+    """
+
+    adapted: str
+    weights: str
+
+    def __contains__(self, fingerprint: object) -> bool:
+        """Whether an adapter recorded for ``fingerprint`` was made for these weights."""
+        return fingerprint in (self.adapted, self.weights)

@@ -22,6 +22,7 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
 from transformers.utils import logging as transformers_logging
 
+from gen.adapter import Fingerprints
 from gen.errors import BaseLoadError, InvalidRequest
 from gen.paths import BUILTIN_DIR, cache_dir
 
@@ -237,25 +238,6 @@ class _quiet_hf:
 # or held by a pipeline built in memory, and whatever device or dtype the pipeline runs in.
 # Hashing a large folder takes seconds, so folder results are cached on disk, keyed by each
 # weight file's path, size and modification time.
-
-
-@dataclass(frozen=True)
-class Fingerprints:
-    """Two hashes of a base's weights, made in one pass.
-
-    ``adapted`` covers the UNet and text encoders: what a LoRA adapter attaches to and what its trigger
-    is read by. The VAE is left out, so swapping a VAE (SD1.5's ft-MSE decoder, the built-in base's
-    stage-4 decoder) keeps every adapter. ``weights`` covers every weight, the VAE's too: what caches of
-    generated images (class images) are keyed by, and what adapters recorded as their base's fingerprint
-    before the VAE was left out; those still fit.
-    """
-
-    adapted: str
-    weights: str
-
-    def __contains__(self, fingerprint: object) -> bool:
-        """Whether an adapter recorded for ``fingerprint`` was made for these weights."""
-        return fingerprint in (self.adapted, self.weights)
 
 
 class _Hashers:
