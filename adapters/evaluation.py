@@ -194,7 +194,10 @@ def evaluate_adapter(
         other, _ = partner
         if not other.class_word:
             raise EvaluationError(f"{_label(other)} names no class word, so it cannot be prompted")
-        pins.update({PARTNER: other, f"{SUBJECT}.with-{PARTNER}": merge_adapters(adapter, [(other, 1.0)]), f"{PARTNER}.with-{SUBJECT}": merge_adapters(other, [(adapter, 1.0)])})
+        pins.update({
+            PARTNER: other, f"{SUBJECT}.with-{PARTNER}": merge_adapters(adapter, [(other, 1.0)], base=base.fingerprints),
+            f"{PARTNER}.with-{SUBJECT}": merge_adapters(other, [(adapter, 1.0)], base=base.fingerprints),
+        })
     sampler = Sampler(base, adapters=PinnedSource(pins))
     generate = sampler_generate(sampler)
     try:

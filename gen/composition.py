@@ -15,7 +15,7 @@ Similarities are relative to each concept's real-vs-real, as in :func:`gen.evalu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -25,15 +25,21 @@ from gen.errors import EvaluationError
 from gen.evaluate import Embedder, Images, mean_similarity, real_vs_real
 
 
-def merge_adapters(primary: LoraAdapter, others: Sequence[tuple[LoraAdapter, float]], weight: float = 1.0) -> LoraAdapter:
+def merge_adapters(
+    primary: LoraAdapter, others: Sequence[tuple[LoraAdapter, float]], weight: float = 1.0, *, base: Container[str] | None = None
+) -> LoraAdapter:
     """``primary`` (its trigger, class word, new tokens) with its LoRA plus each other LoRA times its weight.
 
     Ranks are concatenated and each part's ``alpha / rank * weight`` is folded into its ``B``, so
     the result (alpha = total rank, scale 1) applies exactly the sum of the parts' updates.
+    ``base`` (a base's :class:`~gen.adapter.Fingerprints`) is what every part must fit: one base's
+    adapters may carry either of its fingerprints (older ones recorded every weight). Without it
+    every part must carry the primary's.
     """
     parts = [(primary, weight), *others]
+    fits = base if base is not None else (primary.base_fingerprint,)
     for adapter, _ in parts:
-        if adapter.base_fingerprint != primary.base_fingerprint:
+        if adapter.base_fingerprint not in fits:
             raise EvaluationError(f"cannot compose adapters of different bases ({primary.base_fingerprint} and {adapter.base_fingerprint})")
     modules = sorted({k[: -len(".lora_A.weight")] for adapter, _ in parts for k in adapter.tensors if k.endswith(".lora_A.weight")})
     tensors: dict[str, torch.Tensor] = {}

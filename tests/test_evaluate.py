@@ -14,7 +14,7 @@ from PIL import Image
 
 from adapters.samples import sample_subject_images, subject_instance
 from gen import world
-from gen.adapter import LoraAdapter
+from gen.adapter import Fingerprints, LoraAdapter
 from gen.base import load_base
 from gen.benchmark import (
     DREAMBENCH_KINDS,
@@ -254,6 +254,11 @@ def test_merged_adapters_apply_the_sum_of_their_updates():
     assert torch.allclose(delta(merged, "y"), 0.5 * delta(b, "y"), atol=1e-5)  # a does not touch y
     with pytest.raises(EvaluationError, match="different bases"):
         merge_adapters(a, [(replace(b, base_fingerprint="g"), 1.0)])
+    # One base's adapters recorded under either of its fingerprints (older ones hashed every weight) compose.
+    both = Fingerprints(adapted=a.base_fingerprint, weights="w")
+    assert merge_adapters(a, [(replace(b, base_fingerprint="w"), 1.0)], base=both).base_fingerprint == a.base_fingerprint
+    with pytest.raises(EvaluationError, match="different bases"):
+        merge_adapters(a, [(replace(b, base_fingerprint="g"), 1.0)], base=both)
 
 
 def test_composition_scores_each_concept_against_its_own_references(photos):
