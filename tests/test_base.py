@@ -117,14 +117,20 @@ def test_builtin_loads_offline():
 
 
 def test_the_shipped_base_draws_each_prompted_class():
-    """The shipped weights are a model, not just loadable files: the evaluator reads back each class it was asked for."""
+    """The shipped weights are a model, not just loadable files: the evaluator reads back what was asked for.
+
+    The prompts state a background, as every pretraining caption did (the model card names the limit
+    of prompts that do not: "a photo of a car" draws mugs).
+    """
     base, evaluator = load_base("builtin"), load_evaluator()
-    generations = Sampler(base).generate_many([Request(world.class_prompt(cls), num_images=2, seed=0, steps=10) for cls in world.CLASSES])
+    prompts = [f"{world.class_prompt(cls)} on a blue background" for cls in world.CLASSES]
+    generations = Sampler(base).generate_many([Request(p, num_images=2, seed=0, steps=10) for p in prompts])
     images = [im for g in generations for im in g.images]
     assert all(im.size == (64, 64) and im.mode == "RGB" for im in images)
-    read = [seen["class"] for seen in read_attributes(evaluator, images)]
+    seen = read_attributes(evaluator, images)
     asked = [cls for cls in world.CLASSES for _ in range(2)]
-    assert sum(r == a for r, a in zip(read, asked)) >= 10, list(zip(asked, read))  # base: 0.985 on held-out prompts
+    assert sum(s["class"] == a for s, a in zip(seen, asked)) >= 11, [(a, s["class"]) for s, a in zip(seen, asked)]  # reads 12 of 12
+    assert sum(s["background"] == "blue" for s in seen) >= 11
 
 
 @pytest.mark.parametrize(
