@@ -145,6 +145,7 @@ def warm_class_images(base: Base, settings: BenchSettings) -> float:
 LORA_LAYERS = {  # where the UNet's LoRA goes: the studied choices (diffusers' attn1 is self-, attn2 cross-attention)
     "all attention": UNET_TARGETS,
     "cross-attention": tuple(f"attn2.{t}" for t in UNET_TARGETS),
+    "transformer blocks": (*UNET_TARGETS, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"),  # + feed-forward and the blocks' in/out projections
 }
 PRIOR_TARGETS = {  # how class rows are held: the studied kinds of prior preservation
     "class images' noise": {"prior_distill": False, "prior_context": False},
@@ -203,7 +204,10 @@ def run(base: Base, settings: BenchSettings, registry: Registry) -> dict:
         ablation = []
         for label, options in variants:
             rows = [row for name in settings.subjects[: settings.ablation_subjects] for row in train(base, [name], settings, registry, bar, **options)]
-            ablation.append({"variant": label, "options": options, **{k: mean_of(rows, k) for k in ("train_seconds", *QUALITY_KEYS)}})
+            ablation.append({
+                "variant": label, "options": options, **{k: mean_of(rows, k) for k in ("train_seconds", *QUALITY_KEYS)},
+                "subject_fidelity_by_subject": {row["subject"]: row["subject_fidelity"] for row in rows},  # two subjects' mean hides a lot
+            })
         results["ablation"] = ablation
     if k:
         results["multi_user"] = multi_user(base, settings, registry, bar, k)
@@ -246,8 +250,11 @@ def report(results: dict) -> str:
     if "ablation" in results:
         tables.append(table(
             "Ablation (mean over the ablation subjects)",
-            ["variant", *cols],
-            [[r["variant"], r["train_seconds"], *[r[k] for k in QUALITY_KEYS]] for r in results["ablation"]],
+            ["variant", *cols, "subject fid by subject"],
+            [
+                [r["variant"], r["train_seconds"], *[r[k] for k in QUALITY_KEYS], " / ".join(f"{v:.3f}" for v in r["subject_fidelity_by_subject"].values())]
+                for r in results["ablation"]
+            ],
         ))
     if "multi_user" in results:
         m = results["multi_user"]

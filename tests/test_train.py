@@ -377,7 +377,9 @@ def test_bench_quick_writes_the_expected_json(tiny_sd_dir, tmp_path):
     assert {"subject", "seed", "train_seconds", "evaluate_seconds", "subject_fidelity", "prompt_fidelity", "prior_drift_class_accuracy", "prior_drift_identity"} <= set(row)
     labels = [r["variant"] for r in data["ablation"]]
     prior_targets = {"prior on the class images' noise", "prior on the base's prediction"}  # the default holds it on both
-    assert labels[0].startswith("default") and {"rank 4", "rank 16", "LoRA on cross-attention", "prior off", *prior_targets} <= set(labels) and len(labels) == 9
+    assert labels[0].startswith("default") and {"rank 4", "rank 16", "LoRA on cross-attention", "LoRA on transformer blocks", "prior off", *prior_targets} <= set(labels) and len(labels) == 10
+    first = data["ablation"][0]
+    assert list(first["subject_fidelity_by_subject"]) == ["robot-0"] and first["subject_fidelity"] == first["subject_fidelity_by_subject"]["robot-0"]
     assert {"throughput_ratio", "images_per_s_one_job", "images_per_s_sequential", "quality_one_job"} <= set(data["multi_user"])
     bench_personalize.main(["--quick", "--base", tiny_sd_dir, "--parts", "subjects", "--subjects", "cat-5", "--seeds", "0", "1", "--out", str(out)])
     data = json.loads(out.read_text())
