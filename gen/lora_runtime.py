@@ -20,6 +20,10 @@ Serving many users from one warm base wants the opposite, so the layers are prep
 * a batch with one adapter set may instead be copied into the *single* slot, a bank slot kept for
   one-set batches: the same batched copy, into buffers that never move, so a CUDA graph replays it
   (a bound adapter's tensors move at every switch, so a graph cannot hold them);
+* through slots, target layers that read the same tensor (self-attention's q/k/v, cross-attention's
+  k/v) share one ``x A^T`` GEMM over their concatenated ``A``, reading ``x`` once rather than once
+  per layer: a graphed step's low-rank terms are memory-bound (SDXL on an H100: the slot's cost in a
+  forward went from 12.6-13.1% to 10.4-10.5%);
 * or it may run *fused*: ``W = W0 + Bt^T A`` written in place into the targeted layers and restored
   from a pristine copy of just those layers.
 
@@ -65,11 +69,14 @@ class RuntimeConfig:
     # copy; a CUDA graph replays it), "fused" writes them into the UNet weights (hooks idle; a switch
     # restores and rewrites the targeted layers). None: fused on CUDA, bound elsewhere. Measured with
     # scripts/bench_serving.py (rank 16, an H100, SD1.5 / SDXL, steps replayed as CUDA graphs): the
-    # slot adds 8.1% / 12.9% to a UNet forward and fused weights 0%; a slot switch costs 0.15 / 0.66 ms,
-    # a fused one 0.73 / 5.2 ms, so a switch and one step cost 13.9 / 51.2 ms through the slot and
-    # 13.1 / 50.8 ms fused: fusing is repaid within the first step. On the CPU the hooks cost ~1-3%
-    # and a fused switch ~70 ms. Fusing keeps a pristine copy of the targeted layers, made at the first fuse.
+    # slot adds 6.2-6.8% / 10.4-10.5% to a UNet forward and fused weights 0%; a slot switch costs
+    # 0.26 / 0.80 ms, a fused one 0.73 / 5.2 ms, so a switch and one step cost 13.7 / 50.9 ms through
+    # the slot and 13.2 / 50.5 ms fused: fusing is repaid within the first step. On the CPU the hooks
+    # cost ~1-3% and a fused switch ~70 ms. Fusing keeps a pristine copy of the targeted layers, made at the first fuse.
     single: str | None = None
+    # Through slots, sibling Linear targets of equal input width (q/k/v) share one A-GEMM when a forward
+    # passes them the same tensor (checked by identity at every call, so cross-attention's q is not fooled).
+    share_projections: bool = True
 
     def __post_init__(self):
         if self.single is not None:
@@ -150,7 +157,7 @@ def matches_target(name: str, targets: Sequence[str]) -> bool:
 class LoraSlots:
     """LoRA slots on every target layer of one model (a UNet or a text encoder)."""
 
-    def __init__(self, model: nn.Module, targets: Sequence[str], max_rank: int, bank_size: int):
+    def __init__(self, model: nn.Module, targets: Sequence[str], max_rank: int, bank_size: int, share_projections: bool = True):
         self.layers: dict[str, nn.Module] = {
             name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and matches_target(name, targets)
         }
@@ -171,13 +178,22 @@ class LoraSlots:
         self._active: _Active | None = None
         self._rows: dict[int, torch.Tensor] = {}  # batch length -> per-row slot indices (filled in place)
         self._row_index: dict[tuple[int, int], torch.Tensor] = {}  # (length, rows in the forward) -> indices repeated
-        # (length, rows in the forward, rank) -> every layer's A (Linear layers; None for Conv2d) and Bt per row
-        self._row_weights: dict[tuple[int, int, int], tuple[list[torch.Tensor | None], list[torch.Tensor]]] = {}
+        # (length, rows in the forward, rank) -> every layer's A (Linear layers; None for Conv2d) and Bt per row,
+        # and each input group's A per row (batch, members * rank, in), of which its members' A are views
+        self._row_weights: dict[tuple[int, int, int], tuple[list[torch.Tensor | None], list[torch.Tensor], list[torch.Tensor]]] = {}
         self._views: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # (slot, offset, rank, layers) -> A, Bt views
         self._pristine: list[torch.Tensor] | None = None
         self._graphs = GraphedCalls(self.device)  # fuse and restore, replayed on CUDA
         self.fused = False
+        self.share_projections = share_projections  # may be switched between forwards: it is part of the graph key
+        self._groups = _input_groups(self.layers)
+        self._member = {i: (g, j) for g, members in enumerate(self._groups) for j, i in enumerate(members)}
+        self._shared: dict[int, list] = {}  # group -> [input, x A^T of every member, members yet to read it]; within one forward
+        self._loads = [0] * slots  # loads into each slot: a grouped copy of its A is current when made since the last one
+        # (slot, rank) -> [loads when filled, each group's A, (its member views, the slot views they copy)]
+        self._group_a: dict[tuple[int, int], list] = {}
         self._handles = [layer.register_forward_hook(partial(self._hook, i)) for i, layer in enumerate(self.layers.values())]
+        self._handles.append(model.register_forward_hook(lambda *_: self._shared.clear()))  # a stray entry holds an activation
 
     # --- adapters in and out of slots ---
 
@@ -252,6 +268,10 @@ class LoraSlots:
             for views, weight in scaled:
                 torch._foreach_mul_(views, weight)
         self._ranks[slot] = total
+        self._loads[slot] += 1
+        self._shared.clear()
+        if self._active is not None and self._active.slot == slot:
+            self._grouped_a(slot)  # a captured graph reads the grouped copy: refill it now
         self._gather_row_weights()  # rows in use may read this slot
 
     def _check_rank(self, parts: Sequence[tuple[PackedLora, float]]) -> int:
@@ -280,6 +300,24 @@ class LoraSlots:
     def use(self, slot: int) -> None:
         """Every row uses ``slot`` (unfused)."""
         self._set(_Active(self._ranks[slot], slot=slot))
+        if self._active is not None:
+            self._grouped_a(slot)  # made or refilled here, outside any forward a graph may be capturing
+
+    def _grouped_a(self, slot: int) -> list[torch.Tensor]:
+        """Each input group's ``A`` rows of ``slot``, concatenated (members * rank, in): what its shared
+        GEMM reads. Kept per (slot, rank) in buffers that never move, refilled by one batched copy
+        after the slot is loaded."""
+        rank = self._ranks[slot]
+        entry = self._group_a.get((slot, rank))
+        if entry is None:  # the views are kept: making hundreds costs more host time than the copy (as in _slot_views)
+            grouped = [self.a[g[0]].new_empty(len(g) * rank, self.a[g[0]].shape[2]) for g in self._groups]
+            dst = [buf[j * rank : (j + 1) * rank] for buf, g in zip(grouped, self._groups) for j in range(len(g))]
+            entry = self._group_a[(slot, rank)] = [-1, grouped, (dst, [self.a[i][slot, :rank] for g in self._groups for i in g])]
+        if entry[0] != self._loads[slot] and entry[2][0]:
+            with torch.no_grad():
+                torch._foreach_copy_(*entry[2])
+        entry[0] = self._loads[slot]
+        return entry[1]
 
     def bind(self, parts: Sequence[tuple[PackedLora, float]]) -> None:
         """Every row uses ``parts`` (packed adapter, weight) read where they are: no copy. They must be on the slots' device."""
@@ -320,8 +358,10 @@ class LoraSlots:
         index = self._rows_for(batch)
         with torch.inference_mode():
             for src, dst in zip([*self.a, *self.bt], [*self._row_weights[key][0], *self._row_weights[key][1]]):
-                if dst is not None:
+                if dst is not None and dst.is_contiguous():
                     torch.index_select(src[:, :rank], 0, index, out=dst)
+                elif dst is not None:  # a view into its input group's buffer
+                    dst.copy_(src[:, :rank].index_select(0, index))
 
     def _weights_for(self, i: int, batch: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Layer ``i``'s A and Bt for each of ``batch`` rows: gathered on first use (in an eager
@@ -329,12 +369,14 @@ class LoraSlots:
         key = (len(self._active.rows), batch, self._active.rank)
         if key not in self._row_weights:
             r, new = self._active.rank, partial(torch.empty, device=self.device, dtype=self.dtype)
-            self._row_weights[key] = (
-                [new(batch, r, *a.shape[2:]) if isinstance(layer, nn.Linear) else None for a, layer in zip(self.a, self.layers.values())],
-                [new(batch, r, bt.shape[2]) for bt in self.bt],
-            )
+            a_rows = [new(batch, r, *a.shape[2:]) if isinstance(layer, nn.Linear) else None for a, layer in zip(self.a, self.layers.values())]
+            grouped = [new(batch, len(g) * r, self.a[g[0]].shape[2]) for g in self._groups]
+            for buf, g in zip(grouped, self._groups):
+                for j, member in enumerate(g):
+                    a_rows[member] = buf[:, j * r : (j + 1) * r]  # filled in place through the view
+            self._row_weights[key] = (a_rows, [new(batch, r, bt.shape[2]) for bt in self.bt], grouped)
             self._fill_row_weights(key)
-        a_rows, bt_rows = self._row_weights[key]
+        a_rows, bt_rows, _ = self._row_weights[key]
         return a_rows[i], bt_rows[i]
 
     def disable(self) -> None:
@@ -349,11 +391,12 @@ class LoraSlots:
         if active.bound:
             return None
         if active.rows is None:
-            return ("slot", active.slot, active.rank)
-        return ("rows", len(active.rows), active.rank)
+            return ("slot", active.slot, active.rank, self.share_projections)
+        return ("rows", len(active.rows), active.rank, self.share_projections)
 
     def _set(self, active: _Active | None) -> None:
         self.unfuse()
+        self._shared.clear()
         self._active = active if active is not None and active.rank > 0 else None
 
     def fuse(self, slot: int) -> None:
@@ -426,11 +469,17 @@ class LoraSlots:
             return out
         a, bt = self.a[i], self.bt[i]
         if active.rows is None:
-            _add_lora(layer, x, out, a[active.slot, :r], bt[active.slot, :r])
+            h = self._shared_projection(i, x)
+            if h is None:
+                _add_lora(layer, x, out, a[active.slot, :r], bt[active.slot, :r])
+            else:
+                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, r), bt[active.slot, :r])
         elif isinstance(layer, nn.Linear):
             n = x.shape[0]
             a_rows, bt_rows = self._weights_for(i, n)
-            h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a_rows.transpose(1, 2))
+            h = self._shared_projection(i, x)
+            if h is None:
+                h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a_rows.transpose(1, 2))
             out.view(n, -1, out.shape[-1]).baddbmm_(h, bt_rows)
         else:  # each row's own A: convolve with every slot's A, then keep the row's slot
             conv = partial(F.conv2d, bias=None, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
@@ -439,6 +488,41 @@ class LoraSlots:
             h = h.view(n, a.shape[0], r, -1)[torch.arange(n, device=h.device), rows]
             out.add_(torch.bmm(self._weights_for(i, n)[1].transpose(1, 2), h).view(out.shape))
         return out
+
+    def _shared_projection(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Layer ``i``'s ``x A^T`` (slot or per-row weights) sliced from its input group's one GEMM, or
+        ``None`` for a layer in no group. The first member called with ``x`` runs the GEMM for all;
+        a member called with another tensor (cross-attention's k/v after q) runs it anew."""
+        member = self._member.get(i) if self.share_projections else None
+        if member is None:
+            return None
+        g, j = member
+        entry = self._shared.get(g)
+        if entry is None or entry[0] is not x:
+            active = self._active
+            if active.rows is None:
+                h = F.linear(x, self._grouped_a(active.slot)[g])
+            else:
+                n = x.shape[0]
+                self._weights_for(i, n)  # made on first use
+                grouped = self._row_weights[(len(active.rows), n, active.rank)][2][g]
+                h = torch.bmm(x.reshape(n, -1, x.shape[-1]), grouped.transpose(1, 2))
+            entry = self._shared[g] = [x, h, len(self._groups[g])]
+        entry[2] -= 1
+        if not entry[2]:
+            del self._shared[g]
+        r = self._active.rank
+        return entry[1][..., j * r : (j + 1) * r]
+
+
+def _input_groups(layers: Mapping[str, nn.Module]) -> list[tuple[int, ...]]:
+    """Indices of sibling Linear targets with equal input width: those that may read one tensor
+    (q/k/v under one attention module). Whether they do is checked at every call."""
+    by_parent: dict[tuple[str, int], list[int]] = {}
+    for i, (name, layer) in enumerate(layers.items()):
+        if isinstance(layer, nn.Linear):
+            by_parent.setdefault((name.rpartition(".")[0], layer.in_features), []).append(i)
+    return [tuple(members) for members in by_parent.values() if len(members) > 1]
 
 
 def _same_device(have: torch.device, want: torch.device) -> bool:
@@ -488,7 +572,9 @@ class LoraRuntime:
         self.config = config
         self.single_slot = config.bank_size + 1  # after the mixed batches' slots 1..bank_size
         self.slots = {
-            name: LoraSlots(model, config.unet_targets if name == "unet" else config.text_targets, config.max_rank, config.bank_size + 1)
+            name: LoraSlots(
+                model, config.unet_targets if name == "unet" else config.text_targets, config.max_rank, config.bank_size + 1, config.share_projections
+            )
             for name, model in models.items()
         }
         self._resident: OrderedDict[tuple, int] = OrderedDict()  # set key -> bank slot, least recent first

@@ -20,7 +20,8 @@ Measured:
 * batch: 8 requests from 8 users in one call vs 8 from one user, and vs serving the 8 users
   one at a time with diffusers (``set_adapters`` + a 1-request call each);
 * step (CUDA; off CUDA with ``--step-smoke`` as a code-path check): graphed forwards with 1 adapter / 2
-  composed, fused or through the single slot, against our graphed no-adapter forward; one denoising
+  composed, fused or through the single slot (and through the slot with each layer's own A-GEMM, no
+  q/k/v sharing), against our graphed no-adapter forward; one denoising
   step with one adapter replayed as a CUDA graph (``gen.cuda_graph``) against diffusers eager with peft,
   and against diffusers hotswap + ``torch.compile`` (``--compile``); the stalls of the first step and
   of the first switch; a mixed batch graphed against a one-user batch graphed (fused, and through the
@@ -192,8 +193,12 @@ class Bench:
             kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(rows, 1280, generator=g).to(dev, dt), "time_ids": torch.randn(rows, 6, generator=g).to(dev, dt)}
         return kwargs
 
-    def activate(self, rows, single: str = "bound") -> Callable[[], None]:
-        return lambda: self.runtime.activate(rows, single=single)
+    def activate(self, rows, single: str = "bound", share: bool = True) -> Callable[[], None]:
+        """A setup: ``rows`` active, one-set batches on ``single``, q/k/v sharing one projection or not."""
+        def setup():
+            self.runtime.slots["unet"].share_projections = share
+            self.runtime.activate(rows, single=single)
+        return setup
 
     def forward(self, unet, kwargs: dict) -> Callable[[], None]:
         def run():
@@ -352,7 +357,9 @@ class Bench:
             "fused_two": (self.activate([composed], "fused"), step),
             "slot": (self.activate(one, "slot"), step),
             "slot_two": (self.activate([composed], "slot"), step),
+            "slot_unshared": (self.activate(one, "slot", share=False), step),
             "mixed_batch": (self.activate(users), batch),
+            "mixed_batch_unshared": (self.activate(users, share=False), batch),
             "one_user_batch_fused": (self.activate(many, "fused"), batch),
             "one_user_batch_slot": (self.activate(many, "slot"), batch),
         }
@@ -419,6 +426,9 @@ class Bench:
                 "off_ms": t["off"], "fused_1_ms": t["fused"], "fused_2_ms": t["fused_two"], "slot_1_ms": t["slot"], "slot_2_ms": t["slot_two"],
                 "ratio_fused_1": t["fused"] / t["off"], "ratio_fused_2": t["fused_two"] / t["off"],
                 "ratio_slot_1": t["slot"] / t["off"], "ratio_slot_2": t["slot_two"] / t["off"],
+                # the same without shared q/k/v projections (each target layer its own A-GEMM): what sharing saves
+                "slot_1_unshared_ms": t["slot_unshared"], "ratio_slot_1_unshared": t["slot_unshared"] / t["off"],
+                "mixed_batch_unshared_ms": t["mixed_batch_unshared"],
             },
             "stalls_s": stalls, "checks": checks,
         }
@@ -519,6 +529,7 @@ def step_rows(s: dict, requests: int) -> list[tuple[str, str, str, str, str]]:
     rows = [
         ("graphed forward, no adapter", f"{g['off_ms']:.1f} ms", "", "", ""),
         ("graphed forward, 1 adapter: fused / slot", f"{g['fused_1_ms']:.1f} / {g['slot_1_ms']:.1f}", "", f"{g['ratio_fused_1']:.3f} / {g['ratio_slot_1']:.3f}", "<=1.10"),
+        ("  slot, unshared q/k/v projections", f"{g['slot_1_unshared_ms']:.1f}", "", f"{g['ratio_slot_1_unshared']:.3f}", ""),
         ("graphed forward, 2 composed: fused / slot", f"{g['fused_2_ms']:.1f} / {g['slot_2_ms']:.1f}", "", f"{g['ratio_fused_2']:.3f} / {g['ratio_slot_2']:.3f}", "<=1.15"),
         ("step, 1 adapter (fused, CUDA graph)", f"{s['step_ms']:.1f} ms", f"diffusers eager {s['diffusers_eager_ms']:.1f} ms", f"{s['speedup_vs_diffusers_eager']:.2f}x faster", ">=2x"),
         ("step, 1 adapter (slot, CUDA graph)", f"{slot['step_ms']:.1f} ms", "", f"{slot['speedup_vs_diffusers_eager']:.2f}x faster", ">=2x"),
@@ -541,6 +552,7 @@ def step_rows(s: dict, requests: int) -> list[tuple[str, str, str, str, str]]:
         ("  the same through the slot", f"{st['ours_slot_first_step_s']:.2f} / {st['ours_slot_switch_then_step_s']:.3f} s", "", "", "<=5 s"),
         (f"graphed batch of {requests}, {requests} users", f"{s['mixed_batch_ms']:.1f} ms", f"one user fused {s['one_user_batch_ms']:.1f} ms", f"{s['throughput_mixed_vs_one_user']:.3f}x throughput", ">=0.95x"),
         ("  vs one user through the slot", "", f"{slot['one_user_batch_ms']:.1f} ms", f"{slot['throughput_mixed_vs_one_user']:.3f}x throughput", ">=0.95x"),
+        ("  mixed, unshared q/k/v projections", f"{g['mixed_batch_unshared_ms']:.1f} ms", "", "", ""),
         ("  its activation, once per batch", f"{s['mixed_batch_activate_ms']:.2f} ms", "(from a fused one-user batch)", "", ""),
         ("checks: graph vs eager (max/std)", f"{max(v for k, v in ck.items() if k.startswith('graph_vs_eager')):.1e}", f"fused / slot vs hooks {ck['graph_fused_vs_hooks']:.1e} / {ck['graph_slot_vs_hooks']:.1e}", f"{ck['captures']} captures, {ck['captures_in_timed_rounds']} while timed", "0 while timed"),
     ]

@@ -5,12 +5,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
 from adapters.registry.synthetic import random_adapter
 from adapters.validate import BaseSpec
 from gen.lora_runtime import AdapterDoesNotFit, LoraRuntime, PackedLora, RuntimeConfig
 from gen.tiny import build_tiny_pipeline
+from torch.overrides import TorchFunctionMode
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1")  # Linear and Conv2d (1x1 and 3x3) layers
 CONFIG = RuntimeConfig(unet_targets=TARGETS, max_rank=16, bank_size=3)
@@ -128,6 +131,48 @@ def test_later_mixed_batches_of_the_same_size_see_their_own_rows_and_reloaded_sl
     torch.testing.assert_close(forward(unet, sample, t, context)[2], alone["c"][2], **TOL)  # row 2 reads a's slot, now c's
 
 
+class CountLowRankProjections(TorchFunctionMode):
+    """Counts ``x A^T`` GEMMs of rank <= ``most`` (the base layers' are wider): how many the LoRA terms launch."""
+
+    def __init__(self, most: int):
+        super().__init__()
+        self.most, self.calls = most, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear and args[1].shape[0] <= self.most or func is torch.bmm and args[1].shape[-1] <= self.most:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["single-slot", "mixed-batch"])
+@pytest.mark.parametrize("context_width", [32, 64])  # 64: cross-attention's to_q is as wide as to_k/to_v but reads another tensor
+def test_layers_reading_one_tensor_share_one_projection_and_still_match_diffusers(pipe, mixed, context_width):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**pipe.unet.config, "cross_attention_dim": context_width}).eval()
+    adapter = make(BaseSpec.from_pipeline(SimpleNamespace(unet=unet), "tiny", "sd"), 1, targets=("to_q", "to_k", "to_v", "to_out.0"))
+    sample, t, _ = inputs(2)
+    context = torch.randn(2, 8, context_width, generator=torch.Generator().manual_seed(1))
+    expected = forward(diffusers_reference(unet, [(adapter, 1.0)]), sample, t, context)
+    if mixed:
+        expected[1:] = forward(unet, sample[1:], t[1:], context[1:])
+    calls = {}
+    for share in (False, True):
+        runtime = LoraRuntime({"unet": unet}, RuntimeConfig(max_rank=8, bank_size=2, single="slot", share_projections=share))
+        runtime.activate([one_set(runtime, [(adapter, 1.0)]), () if mixed else one_set(runtime, [(adapter, 1.0)])])
+        with CountLowRankProjections(most=3 * adapter.rank) as counter:
+            got = forward(unet, sample, t, context)
+        torch.testing.assert_close(got, expected, **TOL)
+        calls[share] = counter.calls
+        assert not runtime.slots["unet"]._shared  # no shared projection outlives the forward (it holds an activation)
+        runtime.close()
+    layers = len(runtime.slots["unet"].layers)
+    assert calls[False] == layers
+    # per transformer block, self-attention's q/k/v run one GEMM (2 fewer) and cross-attention's k/v one (1 fewer); where
+    # its q is as wide, q runs the group's GEMM on its own input and k runs it anew on the context, which v then shares
+    blocks = len(unet.attn_processors) // 2
+    assert calls[True] == layers - 3 * blocks
+
+
 def test_text_encoder_slots_match_peft(pipe, spec):
     adapter = make(spec, 3, rank=4, alpha=2.0, components=("text_encoder",), targets=("q_proj", "k_proj", "v_proj", "out_proj"))
     encoder = copy.deepcopy(pipe.text_encoder)
@@ -212,7 +257,7 @@ def test_single_slot_is_refilled_in_place_only_when_the_set_changes(unet, spec):
     original = slots.load
     slots.load = lambda slot, parts: (loads.append(slot), original(slot, parts))
     runtime.activate([second] * 2)
-    assert runtime.graph_key() == key == ("slot", runtime.single_slot, 4)
+    assert runtime.graph_key() == key == ("slot", runtime.single_slot, 4, True)
     assert not (forward(unet, *x) - out_first).abs().max() < 1e-3  # the second adapter really replaced the first
     runtime.activate([second] * 2)
     runtime.activate([first, ()])  # a mixed batch goes to the bank, leaving the single slot as it is
