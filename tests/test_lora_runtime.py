@@ -268,6 +268,23 @@ def test_single_slot_is_refilled_in_place_only_when_the_set_changes(unet, spec):
     assert runtime.single_slot not in runtime._resident.values()
 
 
+def test_single_slot_shared_projections_follow_rank_changes_and_a_reload_in_place(unet, spec):
+    """Each (slot, rank) keeps its own grouped A, refilled after every load: switching ranks and back, or
+    loading the slot in use without activating again (what a replayed graph sees), reads the current adapter."""
+    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(**{**CONFIG.__dict__, "single": "slot"}))
+    x = inputs(2)
+    sets = [one_set(runtime, [(make(spec, seed, rank=rank), 1.0)], f"k{seed}") for seed, rank in ((1, 4), (2, 8), (3, 4))]
+    expected = []
+    for s in sets:
+        runtime.activate([s, s], single="bound")  # the reference: read in place, no slot
+        expected.append(forward(unet, *x))
+    for i in (0, 1, 0, 2):
+        runtime.activate([sets[i], sets[i]])
+        torch.testing.assert_close(forward(unet, *x), expected[i], **TOL)
+    runtime.slots["unet"].load(runtime.single_slot, [(sets[0][0][1].parts["unet"], 1.0)])  # same rank, slot in use
+    torch.testing.assert_close(forward(unet, *x), expected[0], **TOL)
+
+
 def test_unknown_single_path_is_refused(unet):
     with pytest.raises(ValueError, match="single must be one of"):
         RuntimeConfig(single="fast")
