@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from torch.overrides import TorchFunctionMode
 
 from adapters.registry.synthetic import random_adapter
 from adapters.validate import BaseSpec
 from gen.lora_runtime import AdapterDoesNotFit, LoraRuntime, PackedLora, RuntimeConfig
 from gen.tiny import build_tiny_pipeline
-from torch.overrides import TorchFunctionMode
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1")  # Linear and Conv2d (1x1 and 3x3) layers
 CONFIG = RuntimeConfig(unet_targets=TARGETS, max_rank=16, bank_size=3)
