@@ -149,6 +149,25 @@ class _Active:
     bound: tuple[tuple[PackedLora, float], ...] = ()  # or packed adapters (and weights) read in place by every row
 
 
+@dataclass
+class _SharedProjection:
+    """One input group's ``x A^T`` within a forward, until every member has read it (it holds an activation)."""
+
+    x: torch.Tensor  # the input it was computed from: a member called with another tensor computes anew
+    h: torch.Tensor  # (..., members * rank)
+    unread: int
+
+
+@dataclass
+class _GroupedA:
+    """A slot's A rows of each input group, concatenated, and the views that refill them after a load."""
+
+    loads: int  # the slot's load count when last filled
+    buffers: list[torch.Tensor]  # per group (members * rank, in)
+    dst: list[torch.Tensor]
+    src: list[torch.Tensor]
+
+
 def matches_target(name: str, targets: Sequence[str]) -> bool:
     """peft's rule: a module is targeted when its path equals a target or ends with ``.<target>``."""
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -188,10 +207,9 @@ class LoraSlots:
         self.share_projections = share_projections  # may be switched between forwards: it is part of the graph key
         self._groups = _input_groups(self.layers)
         self._member = {i: (g, j) for g, members in enumerate(self._groups) for j, i in enumerate(members)}
-        self._shared: dict[int, list] = {}  # group -> [input, x A^T of every member, members yet to read it]; within one forward
+        self._shared: dict[int, _SharedProjection] = {}  # input group -> its projection, within one forward
         self._loads = [0] * slots  # loads into each slot: a grouped copy of its A is current when made since the last one
-        # (slot, rank) -> [loads when filled, each group's A, (its member views, the slot views they copy)]
-        self._group_a: dict[tuple[int, int], list] = {}
+        self._group_a: dict[tuple[int, int], _GroupedA] = {}
         self._handles = [layer.register_forward_hook(partial(self._hook, i)) for i, layer in enumerate(self.layers.values())]
         self._handles.append(model.register_forward_hook(lambda *_: self._shared.clear()))  # a stray entry holds an activation
 
@@ -308,16 +326,17 @@ class LoraSlots:
         GEMM reads. Kept per (slot, rank) in buffers that never move, refilled by one batched copy
         after the slot is loaded."""
         rank = self._ranks[slot]
-        entry = self._group_a.get((slot, rank))
-        if entry is None:  # the views are kept: making hundreds costs more host time than the copy (as in _slot_views)
-            grouped = [self.a[g[0]].new_empty(len(g) * rank, self.a[g[0]].shape[2]) for g in self._groups]
-            dst = [buf[j * rank : (j + 1) * rank] for buf, g in zip(grouped, self._groups) for j in range(len(g))]
-            entry = self._group_a[(slot, rank)] = [-1, grouped, (dst, [self.a[i][slot, :rank] for g in self._groups for i in g])]
-        if entry[0] != self._loads[slot] and entry[2][0]:
+        grouped = self._group_a.get((slot, rank))
+        if grouped is None:  # the views are kept: making hundreds costs more host time than the copy (as in _slot_views)
+            buffers = [self.a[g[0]].new_empty(len(g) * rank, self.a[g[0]].shape[2]) for g in self._groups]
+            dst = [buf[j * rank : (j + 1) * rank] for buf, g in zip(buffers, self._groups) for j in range(len(g))]
+            src = [self.a[i][slot, :rank] for g in self._groups for i in g]
+            grouped = self._group_a[(slot, rank)] = _GroupedA(-1, buffers, dst, src)
+        if grouped.loads != self._loads[slot] and grouped.dst:
             with torch.no_grad():
-                torch._foreach_copy_(*entry[2])
-        entry[0] = self._loads[slot]
-        return entry[1]
+                torch._foreach_copy_(grouped.dst, grouped.src)
+        grouped.loads = self._loads[slot]
+        return grouped.buffers
 
     def bind(self, parts: Sequence[tuple[PackedLora, float]]) -> None:
         """Every row uses ``parts`` (packed adapter, weight) read where they are: no copy. They must be on the slots' device."""
@@ -364,8 +383,13 @@ class LoraSlots:
                     dst.copy_(src[:, :rank].index_select(0, index))
 
     def _weights_for(self, i: int, batch: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Layer ``i``'s A and Bt for each of ``batch`` rows: gathered on first use (in an eager
-        call, never under graph capture, which warms up eagerly), then refilled by :meth:`use_rows`."""
+        """Layer ``i``'s A and Bt for each of ``batch`` rows."""
+        a_rows, bt_rows, _ = self._row_buffers(batch)
+        return a_rows[i], bt_rows[i]
+
+    def _row_buffers(self, batch: int) -> tuple[list[torch.Tensor | None], list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer's A and Bt, and each input group's A, for ``batch`` rows: gathered on first use (in an
+        eager call, never under graph capture, which warms up eagerly), then refilled by :meth:`use_rows`."""
         key = (len(self._active.rows), batch, self._active.rank)
         if key not in self._row_weights:
             r, new = self._active.rank, partial(torch.empty, device=self.device, dtype=self.dtype)
@@ -376,8 +400,7 @@ class LoraSlots:
                     a_rows[member] = buf[:, j * r : (j + 1) * r]  # filled in place through the view
             self._row_weights[key] = (a_rows, [new(batch, r, bt.shape[2]) for bt in self.bt], grouped)
             self._fill_row_weights(key)
-        a_rows, bt_rows, _ = self._row_weights[key]
-        return a_rows[i], bt_rows[i]
+        return self._row_weights[key]
 
     def disable(self) -> None:
         self._set(None)
@@ -469,11 +492,7 @@ class LoraSlots:
             return out
         a, bt = self.a[i], self.bt[i]
         if active.rows is None:
-            h = self._shared_projection(i, x)
-            if h is None:
-                _add_lora(layer, x, out, a[active.slot, :r], bt[active.slot, :r])
-            else:
-                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, r), bt[active.slot, :r])
+            _add_lora(layer, x, out, a[active.slot, :r], bt[active.slot, :r], h=self._shared_projection(i, x))
         elif isinstance(layer, nn.Linear):
             n = x.shape[0]
             a_rows, bt_rows = self._weights_for(i, n)
@@ -497,22 +516,20 @@ class LoraSlots:
         if member is None:
             return None
         g, j = member
-        entry = self._shared.get(g)
-        if entry is None or entry[0] is not x:
+        shared = self._shared.get(g)
+        if shared is None or shared.x is not x:
             active = self._active
             if active.rows is None:
                 h = F.linear(x, self._grouped_a(active.slot)[g])
             else:
                 n = x.shape[0]
-                self._weights_for(i, n)  # made on first use
-                grouped = self._row_weights[(len(active.rows), n, active.rank)][2][g]
-                h = torch.bmm(x.reshape(n, -1, x.shape[-1]), grouped.transpose(1, 2))
-            entry = self._shared[g] = [x, h, len(self._groups[g])]
-        entry[2] -= 1
-        if not entry[2]:
+                h = torch.bmm(x.reshape(n, -1, x.shape[-1]), self._row_buffers(n)[2][g].transpose(1, 2))
+            shared = self._shared[g] = _SharedProjection(x, h, len(self._groups[g]))
+        shared.unread -= 1
+        if not shared.unread:
             del self._shared[g]
         r = self._active.rank
-        return entry[1][..., j * r : (j + 1) * r]
+        return shared.h[..., j * r : (j + 1) * r]
 
 
 def _input_groups(layers: Mapping[str, nn.Module]) -> list[tuple[int, ...]]:
@@ -529,10 +546,14 @@ def _same_device(have: torch.device, want: torch.device) -> bool:
     return have.type == want.type and (want.index is None or want.index == have.index)
 
 
-def _add_lora(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, weight: float = 1.0) -> None:
-    """``out += weight * Bt^T A x`` for every row: one adapter's (or slot's) low-rank term of ``layer``."""
+def _add_lora(
+    layer: nn.Module, x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, weight: float = 1.0, h: torch.Tensor | None = None
+) -> None:
+    """``out += weight * Bt^T A x`` for every row: one adapter's (or slot's) low-rank term of ``layer``;
+    ``h`` is ``x A^T`` where it was already computed (a Linear's shared projection)."""
     if isinstance(layer, nn.Linear):
-        out.view(-1, out.shape[-1]).addmm_(F.linear(x, a).reshape(-1, a.shape[0]), bt, alpha=weight)
+        h = F.linear(x, a) if h is None else h
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, a.shape[0]), bt, alpha=weight)
     else:
         h = F.conv2d(x, a, bias=None, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
         out.add_(torch.einsum("nrhw,ro->nohw", h, bt), alpha=weight)
