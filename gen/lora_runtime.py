@@ -22,10 +22,12 @@ Serving many users from one warm base wants the opposite, so the layers are prep
   (a bound adapter's tensors move at every switch, so a graph cannot hold them);
 * or it may run *fused*: ``W = W0 + Bt^T A`` written in place into the targeted layers and restored
   from a pristine copy of just those layers;
-* through slots, target layers that read the same tensor (self-attention's q/k/v, cross-attention's
-  k/v) share one ``x A^T`` GEMM over their concatenated ``A``, reading ``x`` once rather than once
-  per layer: a graphed step's low-rank terms are memory-bound (SDXL on an H100: the slot's cost in a
-  forward went from 13.1% to 10.4%, measured side by side).
+* through slots, target layers that read the same tensor share one ``x A^T`` GEMM over their
+  concatenated ``A``, reading ``x`` once rather than once per layer. Which layers read one tensor is
+  learned from the first forward with active hooks (self-attention's q/k/v in each block; every
+  block's cross-attention k/v, which all read the prompt embedding) and checked by identity at
+  every call. A graphed step's low-rank terms are memory- or latency-bound (SDXL on an H100: the
+  slot's cost in a forward went from 13.1% to 10.4% sharing within blocks, measured side by side).
 
 A bank slot (index 0) is kept empty for rows without an adapter in a mixed batch.
 :class:`LoraRuntime` is not thread-safe: the sampler calls it under its run lock.
@@ -33,9 +35,10 @@ A bank slot (index 0) is kept empty for rows without an adapter in a mixed batch
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, partial
 
 import torch
@@ -67,15 +70,17 @@ class RuntimeConfig:
     # How a batch with one adapter set runs (SINGLE_PATHS): "bound" reads the packed tensors in place
     # (a switch copies nothing; eager only), "slot" copies them into the single slot (one batched
     # copy; a CUDA graph replays it), "fused" writes them into the UNet weights (hooks idle; a switch
-    # restores and rewrites the targeted layers). None: fused on CUDA, bound elsewhere. Measured with
+    # restores and rewrites the targeted layers). None: the slot on CUDA, bound elsewhere. Measured with
     # scripts/bench_serving.py (rank 16, an H100, SD1.5 / SDXL, steps replayed as CUDA graphs): the
-    # slot adds 6.2-6.8% / 10.4-10.5% to a UNet forward and fused weights 0%; a slot switch costs
-    # 0.26 / 0.80 ms, a fused one 0.73 / 5.2 ms, so a switch and one step cost 13.7 / 50.9 ms through
-    # the slot and 13.2 / 50.5 ms fused: fusing is repaid within the first step. On the CPU the hooks
-    # cost ~1-3% and a fused switch ~70 ms. Fusing keeps a pristine copy of the targeted layers, made at the first fuse.
+    # slot adds 7.0% / 9.5-9.8% to a UNet forward and switches in 0.14 / 0.70-0.79 ms (>100x
+    # diffusers' set_adapters); fused weights add nothing per step but a switch rewrites every targeted
+    # weight (0.73 / 5.2 ms, 16-22x), and a mixed batch then runs at 0.94-0.95x of a fused one-user
+    # batch. The slot is the default because it meets every serving bar; "fused" saves 6-9% of a step
+    # where switches are rare. On the CPU the hooks cost ~1-3% and a fused switch ~70 ms. Fusing keeps
+    # a pristine copy of the targeted layers, made at the first fuse.
     single: str | None = None
-    # Through slots, sibling Linear targets of equal input width (q/k/v) share one A-GEMM when a forward
-    # passes them the same tensor (checked by identity at every call, so cross-attention's q is not fooled).
+    # Through slots, Linear targets that read one tensor (learned from the first forward: q/k/v, and all
+    # cross-attention k/v) share one A-GEMM; checked by identity at every call.
     share_projections: bool = True
 
     def __post_init__(self):
@@ -159,6 +164,28 @@ class _SharedProjection:
 
 
 @dataclass
+class _Readers:
+    """Which Linear targets read which tensor, recorded through the first forward with active hooks.
+
+    Weak references: the record must not keep a forward's activations alive, and a dead reference
+    cannot be mistaken for a new tensor that reuses its address."""
+
+    seen: set[int] = field(default_factory=set)
+    by_input: list[tuple[weakref.ref, list[int]]] = field(default_factory=list)
+
+    def add(self, i: int, x: torch.Tensor) -> None:
+        self.seen.add(i)
+        for ref, members in self.by_input:
+            if ref() is x:
+                members.append(i)
+                return
+        self.by_input.append((weakref.ref(x), [i]))
+
+    def groups(self) -> list[tuple[int, ...]]:
+        return [tuple(members) for _, members in self.by_input if len(members) > 1]
+
+
+@dataclass
 class _GroupedA:
     """A slot's A rows of each input group, concatenated, and the views that refill them after a load."""
 
@@ -205,8 +232,9 @@ class LoraSlots:
         self._graphs = GraphedCalls(self.device)  # fuse and restore, replayed on CUDA
         self.fused = False
         self.share_projections = share_projections  # may be switched between forwards: it is part of the graph key
-        self._groups = _input_groups(self.layers)
-        self._member = {i: (g, j) for g, members in enumerate(self._groups) for j, i in enumerate(members)}
+        self._groups: list[tuple[int, ...]] = []  # input groups: layers that read one tensor, in call order
+        self._member: dict[int, tuple[int, int]] = {}  # layer -> (its group, its place in it)
+        self._readers: _Readers | None = _Readers()  # until the groups are learned
         self._shared: dict[int, _SharedProjection] = {}  # input group -> its projection, within one forward
         self._loads = [0] * slots  # loads into each slot: a grouped copy of its A is current when made since the last one
         self._group_a: dict[tuple[int, int], _GroupedA] = {}
@@ -484,6 +512,8 @@ class LoraSlots:
         if active is None:
             return None
         x, r = args[0], active.rank
+        if self._readers is not None and isinstance(layer, nn.Linear):
+            self._observe(i, x)
         if active.bound:
             for packed, weight in active.bound:
                 pair = packed.by_layer.get(i)
@@ -508,10 +538,35 @@ class LoraSlots:
             out.add_(torch.bmm(self._weights_for(i, n)[1].transpose(1, 2), h).view(out.shape))
         return out
 
+    @property
+    def input_groups(self) -> list[tuple[str, ...]]:
+        """The target layers that share one projection, by name (empty until the second forward with active hooks)."""
+        names = list(self.layers)
+        return [tuple(names[i] for i in g) for g in self._groups]
+
+    def _observe(self, i: int, x: torch.Tensor) -> None:
+        """Record that layer ``i`` reads ``x``; a layer called again means a new forward: the first one's
+        readers become the input groups.
+
+        Learned rather than guessed from names or widths: every cross-attention k/v in the model reads
+        the prompt embedding (one GEMM for all of them instead of one per block; 70 SDXL blocks), while
+        a cross-attention q as wide as its k/v reads another tensor. The groups are fixed here, in the
+        second forward with active hooks, before any graph that reads the buffers built from them can
+        have been captured (a capture first warms up eagerly): buffers built without them are dropped.
+        """
+        if i not in self._readers.seen:
+            self._readers.add(i, x)
+            return
+        self._groups, self._readers = self._readers.groups(), None
+        self._member = {i: (g, j) for g, members in enumerate(self._groups) for j, i in enumerate(members)}
+        self._group_a.clear()
+        self._row_weights.clear()
+        self._shared.clear()
+
     def _shared_projection(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
         """Layer ``i``'s ``x A^T`` (slot or per-row weights) sliced from its input group's one GEMM, or
         ``None`` for a layer in no group. The first member called with ``x`` runs the GEMM for all;
-        a member called with another tensor (cross-attention's k/v after q) runs it anew."""
+        a member called with another tensor than the group's last runs it anew."""
         member = self._member.get(i) if self.share_projections else None
         if member is None:
             return None
@@ -530,16 +585,6 @@ class LoraSlots:
             del self._shared[g]
         r = self._active.rank
         return shared.h[..., j * r : (j + 1) * r]
-
-
-def _input_groups(layers: Mapping[str, nn.Module]) -> list[tuple[int, ...]]:
-    """Indices of sibling Linear targets with equal input width: those that may read one tensor
-    (q/k/v under one attention module). Whether they do is checked at every call."""
-    by_parent: dict[tuple[str, int], list[int]] = {}
-    for i, (name, layer) in enumerate(layers.items()):
-        if isinstance(layer, nn.Linear):
-            by_parent.setdefault((name.rpartition(".")[0], layer.in_features), []).append(i)
-    return [tuple(members) for members in by_parent.values() if len(members) > 1]
 
 
 def _same_device(have: torch.device, want: torch.device) -> bool:
@@ -624,11 +669,12 @@ class LoraRuntime:
 
     @property
     def single_path(self) -> str:
-        """How one-set batches run by default: ``config.single``; unset: fused on CUDA, where
-        eager per-layer hooks cost most, bound elsewhere (see RuntimeConfig)."""
+        """How one-set batches run by default: ``config.single``; unset: the slot on CUDA, where a
+        step replays as a graph that a bound adapter's moving tensors would break, bound elsewhere
+        (see RuntimeConfig)."""
         if self.config.single is not None:
             return self.config.single
-        return "fused" if "unet" in self.slots and self.slots["unet"].device.type == "cuda" else "bound"
+        return "slot" if "unet" in self.slots and self.slots["unet"].device.type == "cuda" else "bound"
 
     def activate(self, rows: Sequence[AdapterSet], single: str | None = None) -> None:
         """Make row ``i`` of the next batch use ``rows[i]`` (an empty set: the base alone).

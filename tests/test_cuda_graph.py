@@ -116,7 +116,8 @@ def test_graph_replays_match_eager_across_switches_without_recapture(pipe, exact
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_sampler_on_cuda_gives_the_eager_images_through_graphs(family, tiny_sd_dir, tiny_sdxl_dir, tmp_path):
+@pytest.mark.parametrize("single", [None, "fused"])  # None: the CUDA default, the single slot
+def test_sampler_on_cuda_gives_the_eager_images_through_graphs(family, single, tiny_sd_dir, tiny_sdxl_dir, tmp_path):
     import numpy as np
 
     from adapters.registry import Registry
@@ -128,13 +129,13 @@ def test_sampler_on_cuda_gives_the_eager_images_through_graphs(family, tiny_sd_d
     registry = Registry(tmp_path / "registry")
     for u in range(2):
         registry.for_user(f"user{u}").put(random_adapter(BaseSpec.from_base(base), rank=8, seed=u, std=0.1), base, "pet", trigger="sks", class_word="dog")
-    sampler = Sampler(base, registry, ServingConfig(runtime=RuntimeConfig(single="fused")))  # the CUDA default, explicit
+    sampler = Sampler(base, registry, ServingConfig(runtime=RuntimeConfig(single=single)))
     requests = [Request("a photo of <pet> on the beach", user=f"user{u}", seed=u, steps=3, guidance_scale=4.0) for u in range(2)]
 
     def images(reqs):
         return [np.asarray(g.images[0]).astype(np.int16) for g in sampler.generate_many(reqs)]
 
-    graphed_one, graphed_mixed = images(requests[:1]), images(requests)  # one adapter (fused), then a mixed batch
+    graphed_one, graphed_mixed = images(requests[:1]), images(requests)  # one adapter, then a mixed batch
     graphs, sampler.graphs = sampler.graphs, None
     eager_one, eager_mixed = images(requests[:1]), images(requests)
     assert graphs.captures == 2 and graphs.replays == 2 * 3  # 3 steps each, CFG rows in one call

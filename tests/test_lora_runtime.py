@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from torch.overrides import TorchFunctionMode
@@ -132,14 +133,15 @@ def test_later_mixed_batches_of_the_same_size_see_their_own_rows_and_reloaded_sl
 
 
 class CountLowRankProjections(TorchFunctionMode):
-    """Counts ``x A^T`` GEMMs of rank <= ``most`` (the base layers' are wider): how many the LoRA terms launch."""
+    """Counts ``x A^T`` GEMMs: linear maps by a weight that is no parameter (the base layers' are), and
+    batched products (the UNet's attention runs neither): how many the LoRA terms launch."""
 
-    def __init__(self, most: int):
+    def __init__(self):
         super().__init__()
-        self.most, self.calls = most, 0
+        self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.linear and args[1].shape[0] <= self.most or func is torch.bmm and args[1].shape[-1] <= self.most:
+        if func is F.linear and not isinstance(args[1], nn.Parameter) or func is torch.bmm:
             self.calls += 1
         return func(*args, **(kwargs or {}))
 
@@ -159,18 +161,20 @@ def test_layers_reading_one_tensor_share_one_projection_and_still_match_diffuser
     for share in (False, True):
         runtime = LoraRuntime({"unet": unet}, RuntimeConfig(max_rank=8, bank_size=2, single="slot", share_projections=share))
         runtime.activate([one_set(runtime, [(adapter, 1.0)]), () if mixed else one_set(runtime, [(adapter, 1.0)])])
-        with CountLowRankProjections(most=3 * adapter.rank) as counter:
-            got = forward(unet, sample, t, context)
-        torch.testing.assert_close(got, expected, **TOL)
+        for _ in range(2):  # the first forward learns which layers read one tensor; the second shares
+            with CountLowRankProjections() as counter:
+                got = forward(unet, sample, t, context)
+            torch.testing.assert_close(got, expected, **TOL)
+            assert not runtime.slots["unet"]._shared  # no shared projection outlives the forward (it holds an activation)
         calls[share] = counter.calls
-        assert not runtime.slots["unet"]._shared  # no shared projection outlives the forward (it holds an activation)
         runtime.close()
     layers = len(runtime.slots["unet"].layers)
     assert calls[False] == layers
-    # per transformer block, self-attention's q/k/v run one GEMM (2 fewer) and cross-attention's k/v one (1 fewer); where
-    # its q is as wide, q runs the group's GEMM on its own input and k runs it anew on the context, which v then shares
+    # per transformer block, self-attention's q/k/v run one GEMM (2 fewer), and every block's cross-attention k/v read
+    # the same context: one GEMM for all of them. Where q is as wide as k/v it reads another tensor and runs its own.
     blocks = len(unet.attn_processors) // 2
-    assert calls[True] == layers - 3 * blocks
+    assert blocks > 1
+    assert calls[True] == layers - 2 * blocks - (2 * blocks - 1)
 
 
 def test_text_encoder_slots_match_peft(pipe, spec):
@@ -193,6 +197,8 @@ def test_switching_copies_into_the_same_buffers_and_restores_the_base_exactly(un
     pointers = lambda: [t.data_ptr() for t in (*slots.a, *slots.bt, *(layer.weight for layer in slots.layers.values()))]
     before = pointers()
     sets = [one_set(runtime, [(make(spec, s, rank=2 + 2 * s), 1.0)], f"k{s}") for s in range(5)]  # more sets than bank slots
+    runtime.activate([sets[0], ()])
+    forward(unet, *x)  # the hooks' first forward learns which layers share a projection: later ones share (other rounding)
     outputs = []
     for s in [*sets, sets[0]]:  # evicts and reloads, ranks shrinking and growing
         runtime.activate([s, s])  # fused
@@ -232,17 +238,18 @@ def test_runtime_for_a_pipeline_covers_unet_and_text_encoders(pipe):
         runtime.close()
 
 
-def test_unset_single_path_fuses_only_on_cuda(unet, spec):
-    """One adapter set per batch: bound on the CPU (hooks cost ~1% there), fused weights on CUDA (eager hooks measured +21-34% there)."""
+def test_unset_single_path_is_bound_on_the_cpu_and_the_slot_on_cuda(unet, spec):
+    """One adapter set per batch: bound on the CPU (no copy; hooks cost ~1% there), the single slot on CUDA
+    (a graphed step needs buffers that never move); neither touches the weights."""
     runtime = LoraRuntime({"unet": unet}, CONFIG)
     weight = next(iter(runtime.slots["unet"].layers.values())).weight.clone()
     runtime.activate([one_set(runtime, [(make(spec, 1), 1.0)])] * 2)
-    assert runtime.single_path == "bound" and not runtime.slots["unet"].fused
+    assert runtime.single_path == "bound" and runtime.graph_key() is None and not runtime.slots["unet"].fused
     torch.testing.assert_close(next(iter(runtime.slots["unet"].layers.values())).weight, weight, rtol=0, atol=0)
     if torch.cuda.is_available():  # pragma: no cover - CPU in CI
         gpu = LoraRuntime({"unet": copy.deepcopy(unet).cuda()}, CONFIG)
         gpu.activate([one_set(gpu, [(make(spec, 1), 1.0)])] * 2)
-        assert gpu.slots["unet"].fused
+        assert gpu.graph_key()[:2] == ("slot", gpu.single_slot) and not gpu.slots["unet"].fused
 
 
 def test_single_slot_is_refilled_in_place_only_when_the_set_changes(unet, spec):
@@ -252,6 +259,7 @@ def test_single_slot_is_refilled_in_place_only_when_the_set_changes(unet, spec):
     slots, x = runtime.slots["unet"], inputs(2)
     first, second = (one_set(runtime, [(make(spec, s), 1.0)], f"k{s}") for s in (1, 2))
     runtime.activate([first] * 2)
+    forward(unet, *x)  # learns the input groups: later forwards share projections (other rounding)
     key, out_first = runtime.graph_key(), forward(unet, *x)
     loads = []
     original = slots.load
