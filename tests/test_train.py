@@ -143,6 +143,21 @@ def test_users_trained_together_get_the_adapters_they_would_get_alone(tiny_sd_di
     assert together[0].metrics["users_in_job"] == 2.0
 
 
+def test_token_retraction_keeps_each_users_new_token_near_the_vocabulary_scale(tiny_sd_dir, tmp_path):
+    base = load_base(tiny_sd_dir)
+    vocabulary_std = float(base.pipe.text_encoder.get_input_embeddings().weight.std())
+    for name in ("mug-1", "cat-2"):
+        save_sample_subject(name, tmp_path / name, n=2)
+    jobs = [TrainJob("u1", "a", tmp_path / "mug-1", "mug", seed=1), TrainJob("u2", "b", tmp_path / "cat-2", "cat", seed=2)]
+    options = {"steps": 6, "new_token": True, "token_lr": 0.1, "warmup_steps": 0, **FAST}
+    token = lambda result: result.adapter.token_embeddings["text_encoder"].float()  # noqa: E731
+    free = token(train_adapters(base, jobs[:1], resolve_config(base, **options))[0])
+    held = train_adapters(base, jobs, resolve_config(base, token_retract=0.5, **options))
+    assert abs(float(token(held[0]).std()) - vocabulary_std) < 0.5 * abs(float(free.std()) - vocabulary_std)
+    (alone,) = train_adapters(base, jobs[:1], resolve_config(base, token_retract=0.5, **options))
+    torch.testing.assert_close(token(held[0]), token(alone), rtol=1e-3, atol=1e-4)  # another user's rows never move these
+
+
 def test_distilled_prior_is_zero_while_the_adapter_is_the_base(tiny_sd_dir, photos):
     """With a vanishing learning rate the LoRA stays ~zero, so the model is the base and class rows regressed
     on the base's own prediction add nothing: the loss equals the instance rows' alone. Class rows

@@ -74,6 +74,10 @@ class TrainConfig:
     lr: float = _opt(1e-4, "learning rate of the LoRA weights")
     text_lr: float | None = _opt(None, "learning rate of text-encoder LoRA (default: lr)")
     token_lr: float = _opt(5e-3, "learning rate of new token embeddings")
+    token_retract: float = _opt(
+        0.1, "after each step scale each user's new token embeddings by (the vocabulary's std / theirs) ** this, as "
+        "diffusers' pivotal tuning does (retract_embeddings): the token stays near the vocabulary's scale (0: off)"
+    )
     warmup_steps: int = _opt(0, "linear learning-rate warmup steps, then constant")
     weight_decay: float = _opt(1e-2, "AdamW weight decay on LoRA weights (never on token embeddings)")
     max_grad_norm: float = _opt(1.0, "gradient clipping, per user's adapter")
@@ -226,6 +230,7 @@ def _check(cfg: TrainConfig, base) -> None:
     f = base.vae_scale_factor
     need(f <= cfg.resolution <= 4096 and cfg.resolution % f == 0, f"resolution must be a multiple of {f} up to 4096, got {cfg.resolution}")
     need(cfg.prior_weight >= 0, f"prior_weight must be >= 0, got {cfg.prior_weight}")
+    need(0 <= cfg.token_retract <= 1, f"token_retract must be between 0 and 1, got {cfg.token_retract}")
     need(not cfg.prior_preservation or cfg.num_class_images >= 1, "prior preservation needs num_class_images >= 1")
     need(
         not cfg.prior_context or (cfg.prior_preservation and cfg.prior_distill),

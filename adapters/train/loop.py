@@ -203,6 +203,8 @@ def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerat
                         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if cfg.token_retract and accelerator.sync_gradients:
+                    lora.retract_tokens(cfg.token_retract)
             step_loss += seen / cfg.grad_accum
         if ema is not None:
             ema.step(every_param)
