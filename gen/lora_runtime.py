@@ -86,6 +86,8 @@ class RuntimeConfig:
     def __post_init__(self):
         if self.single is not None:
             _check_single(self.single)
+        if not isinstance(self.share_projections, bool):
+            raise ValueError(f"share_projections must be True or False, not {self.share_projections!r}")
 
 
 def _check_single(single: str) -> None:

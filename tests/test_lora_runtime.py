@@ -296,6 +296,8 @@ def test_single_slot_shared_projections_follow_rank_changes_and_a_reload_in_plac
 def test_unknown_single_path_is_refused(unet):
     with pytest.raises(ValueError, match="single must be one of"):
         RuntimeConfig(single="fast")
+    with pytest.raises(ValueError, match="share_projections must be True or False"):
+        RuntimeConfig(share_projections="no")  # a truthy string would have turned sharing on
     with pytest.raises(ValueError, match="single must be one of"):
         LoraRuntime({"unet": unet}, CONFIG).activate([()], single="fast")
 
