@@ -284,6 +284,7 @@ def test_presets_options_and_command_line_flags(tiny_sd_dir):
         ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\), got 1.0"),
         ({"timestep_bias": "late"}, "timestep_bias must be one of none, earlier, later, got 'late'"),
         ({"timestep_bias_portion": 0.0}, r"timestep_bias_portion must be in \(0, 1\], got 0.0"),
+        ({"token_retract": 1.5}, "token_retract must be between 0 and 1, got 1.5"),
         ({"mixed_precision": "fp16"}, "fp16 needs a CUDA device"),
         ({"trigger": "zwx", "new_token": True}, "either a trigger or new_token"),
         ({"prior_distill": False, "prior_context": True}, "prior_context needs prior_preservation and prior_distill"),
