@@ -15,7 +15,10 @@ timed (``bench_serving.Clock``):
 * peft: the same attachment routed through peft's mixed-batch forward (``adapter_names``), which
   loops over the users in every layer;
 * alone: one user's step (K = 1, attached to a second copy of the base) times K, the K users trained
-  one after another.
+  one after another;
+* one wide user: a single user's step over all K x rows rows (a third copy). No routing can beat it, so
+  ``ours`` against it is what the routing costs, and ``alone x K`` against it is the most that training
+  users together can gain on this device: on a CPU whose cores one user's batch already fills, little.
 
 The throughput ratio is (K x rows) images per joint step against the same images in K lone steps.
 """
@@ -91,25 +94,30 @@ def main(argv: list[str] | None = None) -> None:
         if args.base == "builtin":
             args.base = save_tiny_pipeline(tempfile.mkdtemp(), "sd")
     load = lambda: load_base(args.base, device=device, dtype="float16" if device == "cuda" else "float32")  # noqa: E731
-    base, lone = load(), load()  # one user's step stays attached to its own copy, timed beside every K
+    base, lone, wide = load(), load(), load()  # one user's step stays attached to its own copy, timed beside every K
     targets = tuple(args.targets.split(","))
     clock, rows = Clock(base.device), []
     with training_step(lone, 1, args.rows, args.rank, targets) as (alone_step, _):
         for users in args.users:
-            with training_step(base, users, args.rows, args.rank, targets) as (step, lora):
+            with training_step(base, users, args.rows, args.rank, targets) as (step, lora), training_step(wide, 1, users * args.rows, args.rank, targets) as (wide_step, _):
                 routed = lambda batched: (lambda: setattr(lora.router, "batched", batched), step)  # noqa: E731
-                ms = clock.round_robin({"ours": routed(True), "peft": routed(False), "alone": (lambda: None, alone_step)}, args.steps)
-            ours, peft, alone = ms["ours"], ms["peft"], ms["alone"]
+                idle = lambda: None  # noqa: E731
+                ms = clock.round_robin({"ours": routed(True), "peft": routed(False), "alone": (idle, alone_step), "wide": (idle, wide_step)}, args.steps)
+            ours, peft, alone, one_wide = ms["ours"], ms["peft"], ms["alone"], ms["wide"]
             rows.append({
-                "users": users, "ours_ms": ours, "peft_loop_ms": peft, "alone_ms": alone, "alone_ms_times_users": alone * users,
+                "users": users, "ours_ms": ours, "peft_loop_ms": peft, "alone_ms": alone, "alone_ms_times_users": alone * users, "one_wide_user_ms": one_wide,
                 "ours_vs_peft_loop": peft / ours, "throughput_vs_alone": alone * users / ours, "peft_loop_throughput_vs_alone": alone * users / peft,
+                "routing_cost_vs_one_wide_user": ours / one_wide, "throughput_ceiling_vs_alone": alone * users / one_wide,
             })
     device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     print(f"\none training step, {args.rows} rows per user, rank {args.rank}, {base.source} on {device_name} ({device}, {torch.get_num_threads()} threads)")
-    header = ["users", "ours ms", "peft loop ms", "alone x K ms", "ours vs peft", "throughput vs alone", "peft's vs alone"]
+    header = ["users", "ours ms", "peft loop ms", "alone x K ms", "one wide user ms", "ours vs peft", "throughput vs alone", "peft's vs alone", "ceiling vs alone"]
     print("  ".join(f"{h:>19}" for h in header))
     for r in rows:
-        values = [r["users"], r["ours_ms"], r["peft_loop_ms"], r["alone_ms_times_users"], r["ours_vs_peft_loop"], r["throughput_vs_alone"], r["peft_loop_throughput_vs_alone"]]
+        values = [
+            r["users"], r["ours_ms"], r["peft_loop_ms"], r["alone_ms_times_users"], r["one_wide_user_ms"], r["ours_vs_peft_loop"],
+            r["throughput_vs_alone"], r["peft_loop_throughput_vs_alone"], r["throughput_ceiling_vs_alone"],
+        ]
         print("  ".join(f"{v:>19}" if isinstance(v, int) else f"{v:>19.2f}" for v in values))
     result = {
         "settings": {**vars(args), "device": device, "device_name": device_name, "torch": torch.__version__},

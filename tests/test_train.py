@@ -20,7 +20,7 @@ from adapters.registry import Registry
 from adapters.samples import save_sample_subject
 from adapters.train import TrainingDiverged, TrainJob, personalize, resolve_config, train_adapters
 from adapters.train.config import add_config_arguments, overrides_from_args, profile_of
-from adapters.train.data import TrainingData, class_image_folder, class_images, prepare_jobs
+from adapters.train.data import PromptEncoder, TrainingData, class_image_folder, class_images, prepare_jobs
 from adapters.train.loop import _min_snr_weights
 from gen.base import Base, fingerprint_pipeline, load_base
 from gen.errors import InvalidRequest
@@ -109,6 +109,25 @@ def test_sdxl_trains_both_text_encoders_with_checkpointing_and_accumulation(tiny
     assert set(adapter.token_embeddings) == {"text_encoder", "text_encoder_2"}
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in adapter.tensors)
     assert len(result.loss_curve) == 2 and all(np.isfinite(result.loss_curve))
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_prompt_encoder_conditions_the_unet_as_the_pipeline_does(tiny_sd_dir, tiny_sdxl_dir, family):
+    """Training on other conditioning than sampling gives would train a mismatch: SD takes the last hidden
+    state, SDXL the penultimate of both encoders concatenated plus the second one's pooled projection."""
+    base = load_base(tiny_sdxl_dir if family == "sdxl" else tiny_sd_dir)
+    pipe = base.pipe
+    tokenizers = {n: getattr(pipe, n) for n in ("tokenizer", "tokenizer_2") if getattr(pipe, n, None) is not None}
+    encoders = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
+    encode = PromptEncoder(tokenizers, encoders, base.family, base.device)
+    with torch.no_grad():
+        hidden, pooled = encode(["a red mug", "a cat on the left"])
+        for i, prompt in enumerate(["a red mug", "a cat on the left"]):
+            out = pipe.encode_prompt(prompt, device=base.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+            torch.testing.assert_close(hidden[i:i + 1], out[0])
+            if family == "sdxl":
+                torch.testing.assert_close(pooled[i:i + 1], out[2])
+    assert (pooled is None) == (family == "sd")
 
 
 def test_one_process_trains_jobs_of_different_precisions(tiny_sd_dir, photos):
@@ -412,7 +431,7 @@ def test_bench_quick_writes_the_expected_json(tiny_sd_dir, tmp_path):
     assert not (tmp_path / "refused.json").exists()
 
 
-def test_multi_user_bench_quick_times_ours_peft_and_alone(tiny_sd_dir, tmp_path):
+def test_multi_user_bench_quick_times_ours_peft_alone_and_one_wide_user(tiny_sd_dir, tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_multi_user
 
@@ -422,6 +441,7 @@ def test_multi_user_bench_quick_times_ours_peft_and_alone(tiny_sd_dir, tmp_path)
     (row,) = data["rows"]
     assert row["users"] == 2 and row["ours_ms"] > 0 and row["peft_loop_ms"] > 0
     assert row["throughput_vs_alone"] == pytest.approx(row["alone_ms_times_users"] / row["ours_ms"])
+    assert row["one_wide_user_ms"] > 0 and row["throughput_ceiling_vs_alone"] == pytest.approx(row["alone_ms_times_users"] / row["one_wide_user_ms"])
 
 
 def test_train_step_bench_quick_compares_both_recipes_on_both_families(tmp_path):
