@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.base == "builtin":
             args.base = save_tiny_pipeline(tempfile.mkdtemp(), "sd")
     load = lambda: load_base(args.base, device=device, dtype="float16" if device == "cuda" else "float32")  # noqa: E731
-    base, lone, wide = load(), load(), load()  # one user's step stays attached to its own copy, timed beside every K
+    base, lone, wide = load(), load(), load()  # one user's step stays attached to its own copy; `wide` steps one user with K users' rows
     targets = tuple(args.targets.split(","))
     clock, rows = Clock(base.device), []
     with training_step(lone, 1, args.rows, args.rank, targets) as (alone_step, _):
