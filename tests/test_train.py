@@ -130,6 +130,32 @@ def test_prompt_encoder_conditions_the_unet_as_the_pipeline_does(tiny_sd_dir, ti
     assert (pooled is None) == (family == "sd")
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_pivotal_tuning_encodes_the_class_captions_once_and_trains_as_if_it_encoded_them_every_step(tiny_sd_dir, tiny_sdxl_dir, photos, family, monkeypatch):
+    """Only captions holding the new token change as it trains; the class rows' are encoded once at setup."""
+    from adapters.train.lora import Attachment
+
+    base = load_base(tiny_sdxl_dir if family == "sdxl" else tiny_sd_dir)
+    job = [TrainJob("dora", "m", photos, "mug")]
+    options = {**FAST, "steps": 3, "new_token": True, "token_lr": 0.1, "warmup_steps": 0, "gradient_checkpointing": False}
+    encoded: list[str] = []
+    original = PromptEncoder.__call__
+    monkeypatch.setattr(PromptEncoder, "__call__", lambda self, captions: encoded.extend(captions) or original(self, captions))
+    cfg = resolve_config(base, **options)
+    class_caption = prepare_jobs(job, cfg)[0].class_prompt
+    (cached,) = train_adapters(base, job, cfg)
+    assert encoded.count(class_caption) == 1 and len(encoded) > 3  # once at setup; the instance rows every step
+
+    encoded.clear()
+    monkeypatch.setattr(Attachment, "training_changes", lambda self, caption: True)  # every caption, every step
+    (live,) = train_adapters(base, job, cfg)
+    assert encoded.count(class_caption) == cfg.steps * cfg.batch_size  # a class row per instance row
+    torch.testing.assert_close(cached.adapter.token_embeddings, live.adapter.token_embeddings, rtol=1e-4, atol=1e-6)
+    for key, tensor in cached.adapter.tensors.items():
+        torch.testing.assert_close(tensor, live.adapter.tensors[key], rtol=1e-4, atol=1e-6)
+    assert cached.loss_curve == pytest.approx(live.loss_curve, rel=1e-5)
+
+
 def test_one_process_trains_jobs_of_different_precisions(tiny_sd_dir, photos):
     """accelerate's process-wide state would refuse the second job's precision; a library process trains many jobs."""
     base = load_base(tiny_sd_dir)

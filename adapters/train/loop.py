@@ -154,8 +154,7 @@ def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerat
         accelerator.register_for_checkpointing(ema)  # resumed with the optimizer, so a resumed run ends on the same average
 
     encode = PromptEncoder(lora.tokenizers, {n: models.get(n, m) for n, m in lora.text_encoders.items()}, base.family, accelerator.device)
-    text_trains = any(name != "unet" for name in trainable)
-    condition = encode if text_trains else cached(encode, data.captions())
+    condition = cached(encode, [c for c in data.captions() if not lora.training_changes(c)])
     unet, dtype = models["unet"], base.dtype
     prediction = scheduler.config.prediction_type
 

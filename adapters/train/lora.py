@@ -278,6 +278,16 @@ class Attachment:
             groups["tokens"].append(self.text_encoders[encoder_name].get_input_embeddings().rows[k])
         return groups
 
+    def training_changes(self, caption: str) -> bool:
+        """Whether training moves ``caption``'s text encoding: always with text-encoder LoRA, else only when it holds
+        a new token. Captions it does not move (the class rows' in pivotal tuning) can be encoded once."""
+        if self.spec.text_targets:
+            return True
+        return any(
+            max(self.tokenizers[t](caption).input_ids) >= self.text_encoders[e].get_input_embeddings().first_id
+            for t, e in TEXT_ENCODERS if e in self._embeddings
+        )
+
     def retract_tokens(self, power: float) -> None:
         """Pull every user's new token rows toward the vocabulary's scale (:meth:`TokenRows.retract`)."""
         for encoder_name in self._embeddings:
