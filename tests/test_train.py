@@ -21,6 +21,7 @@ from adapters.samples import save_sample_subject
 from adapters.train import TrainingDiverged, TrainJob, personalize, resolve_config, train_adapters
 from adapters.train.config import add_config_arguments, overrides_from_args, profile_of
 from adapters.train.data import PromptEncoder, TrainingData, class_image_folder, class_images, prepare_jobs
+from adapters.train.lora import Attachment
 from adapters.train.loop import _min_snr_weights
 from gen.base import Base, fingerprint_pipeline, load_base
 from gen.errors import InvalidRequest
@@ -133,8 +134,6 @@ def test_prompt_encoder_conditions_the_unet_as_the_pipeline_does(tiny_sd_dir, ti
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_pivotal_tuning_encodes_the_class_captions_once_and_trains_as_if_it_encoded_them_every_step(tiny_sd_dir, tiny_sdxl_dir, photos, family, monkeypatch):
     """Only captions holding the new token change as it trains; the class rows' are encoded once at setup."""
-    from adapters.train.lora import Attachment
-
     base = load_base(tiny_sdxl_dir if family == "sdxl" else tiny_sd_dir)
     job = [TrainJob("dora", "m", photos, "mug")]
     options = {**FAST, "steps": 3, "new_token": True, "token_lr": 0.1, "warmup_steps": 0, "gradient_checkpointing": False}
