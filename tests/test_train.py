@@ -21,8 +21,8 @@ from adapters.samples import save_sample_subject
 from adapters.train import TrainingDiverged, TrainJob, personalize, resolve_config, train_adapters
 from adapters.train.config import add_config_arguments, overrides_from_args, profile_of
 from adapters.train.data import PromptEncoder, TrainingData, class_image_folder, class_images, prepare_jobs
-from adapters.train.lora import Attachment
 from adapters.train.loop import _min_snr_weights
+from adapters.train.lora import Attachment
 from gen.base import Base, fingerprint_pipeline, load_base
 from gen.errors import InvalidRequest
 from gen.sampler import Sampler
