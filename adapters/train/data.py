@@ -212,6 +212,8 @@ def cached(encode: PromptEncoder, frozen: Iterable[str]) -> Callable[[list[str]]
 
     def condition(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         live = [c for c in captions if c not in table]
+        if len(live) == len(captions):  # nothing cached (text-encoder LoRA): the batch as it is, no re-stacking
+            return encode(captions)
         if live:
             hidden, pooled = encode(live)
             fresh = iter(zip(hidden, [None] * len(live) if pooled is None else pooled))
