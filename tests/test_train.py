@@ -563,5 +563,7 @@ def test_batched_multi_user_lora_matches_peft_per_user_loop_in_outputs_and_gradi
         (ours, our_grads), (peft, peft_grads) = results
         torch.testing.assert_close(ours, peft, rtol=1e-4, atol=1e-5)
         for mine, theirs in zip(our_grads, peft_grads):
-            torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-5)
+            # A gradient sums many products, and the two paths add them in different orders, so a
+            # near-zero element's fp32 error is a fraction of the tensor's scale, not of the element.
+            torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-4 * theirs.abs().max().item())
         assert all(grad.abs().sum() > 0 for grad in our_grads)  # every user's every LoRA weight got a gradient
