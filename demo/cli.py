@@ -66,19 +66,21 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     Before = the base prompted with the class word; after = the same prompt and seed with the
     subject's ``<concept>`` mention, so every difference in a row is the adapter's doing.
     """
-    from adapters.fidelity import world_captions, world_fidelity_hook
-    from adapters.registry import Registry
     from adapters.samples import sample_subject_images, subject_instance
-    from adapters.train import personalize
-    from demo.cli_train import ProgressBars, print_summary
-    from gen import Sampler, load_base
     from gen.errors import InvalidRequest
-    from gen.grid import make_grid
 
     try:
         instance = subject_instance(args.subject)
     except ValueError as e:
         raise InvalidRequest(str(e)) from None
+    # the heavy imports (torch, diffusers: seconds) only once the subject is known to exist
+    from adapters.fidelity import world_captions, world_fidelity_hook
+    from adapters.registry import Registry
+    from adapters.train import personalize
+    from demo.cli_train import ProgressBars, print_summary
+    from gen import Sampler, load_base
+    from gen.grid import make_grid
+
     base = load_base(args.base, device=args.device, dtype=args.dtype, allow_network=args.allow_network)
     photos = sample_subject_images(instance, n=4, seed=args.seed)
     concept = args.subject.replace("-", "_")

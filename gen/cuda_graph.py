@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
 WARMUP_CALLS = 2  # lazy initialisation and library workspaces happen here, outside the graph
@@ -125,7 +124,11 @@ class GraphedUNet:
             captured.graph.replay()
             self.replays += 1
             out = captured.output.clone()  # the next replay overwrites the graph's own buffer
-        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput  # here: importing diffusers costs seconds, and `bespoke --help` reaches this module
+
+        return UNet2DConditionOutput(sample=out)
 
     def _signature(self, sample, timestep, context, added, args, others) -> tuple[tuple | None, dict[str, torch.Tensor]]:
         if args or any(v is not None for v in others.values()) or not sample.is_cuda or torch.is_grad_enabled():

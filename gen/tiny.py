@@ -34,7 +34,7 @@ _CORPUS = (
 class TinyConfig:
     """Sizes of a tiny pipeline; the defaults build in about a second and sample 64x64 images."""
 
-    sample_size: int = 32  # latent side; images are sample_size * 2 pixels (2x VAE)
+    sample_size: int = 16  # latent side; images are sample_size * 4 pixels (4x VAE), the built-in world's 64
     block_out_channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
     cross_attention_dim: int = 32
@@ -60,12 +60,12 @@ def _text_config(vocab_size: int, hidden: int, layers: int) -> CLIPTextConfig:
 
 def _vae(cfg: TinyConfig) -> AutoencoderKL:
     return AutoencoderKL(
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=4,
         norm_num_groups=8,
-        sample_size=cfg.sample_size * 2,
+        sample_size=cfg.sample_size * 4,
     )
 
 

@@ -38,19 +38,27 @@ def test_generate_writes_pngs_with_provenance_and_a_sidecar(tiny_sd_dir, tmp_pat
     assert np.asarray(Image.open(pngs[0])).shape == (64, 64, 3)
 
 
-def test_user_errors_print_one_line_and_no_traceback(tiny_sd_dir, tmp_path):
-    cases = [
-        (["generate", "--base", str(tmp_path / "missing"), "--prompt", "x"], "no base at"),
+def _one_error_line(stderr: str, message: str) -> None:
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], stderr
+
+
+def test_user_errors_print_one_line_and_no_traceback(tiny_sd_dir, tmp_path, monkeypatch, capsys):
+    run = bespoke("generate", "--base", str(tmp_path / "missing"), "--prompt", "x", home=tmp_path)  # one in a real process: exit code, stderr
+    assert run.returncode == 2, run.stderr
+    _one_error_line(run.stderr, "no base at")
+    from demo.cli import main
+
+    monkeypatch.setenv("BESPOKE_HOME", str(tmp_path))
+    cases = [  # the rest through the same entry point in this process (a subprocess costs seconds of imports each)
         (["generate", "--base", tiny_sd_dir, "--prompt", "  "], "prompt is empty"),
         (["generate", "--base", tiny_sd_dir, "--prompt", "x", "--height", "63"], "not a multiple of the VAE factor"),
         (["generate", "--base", tiny_sd_dir, "--prompt", "x", "--dtype", "float16", "--device", "cpu"], "float16 cannot run on the cpu"),
     ]
     for args, message in cases:
-        run = bespoke(*args, home=tmp_path)
-        assert run.returncode == 2, (args, run.stderr)
-        assert "Traceback" not in run.stderr
-        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and message in errors[0], run.stderr
+        assert main(args) == 2, args
+        _one_error_line(capsys.readouterr().err, message)
 
 
 def test_quickstart_personalizes_a_sample_subject_and_saves_a_before_after_grid(tiny_sd_dir, tmp_path):

@@ -67,7 +67,7 @@ def test_overlong_prompt_is_truncated_with_the_dropped_words_named(sampler):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(height=63), "height 63 is not a multiple of the VAE factor 2"),
+        (dict(height=63), "height 63 is not a multiple of the VAE factor 4"),
         (dict(width=65), "width 65 is not a multiple"),
         (dict(height=0), "height must be between"),
         (dict(num_images=0), "num_images must be between"),

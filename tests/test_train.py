@@ -323,7 +323,7 @@ def test_presets_options_and_command_line_flags(tiny_sd_dir):
     for options, message in [
         ({"rnak": 4}, "unknown training option 'rnak'"),
         ({"rank": 0}, "rank must be between 1 and 1024"),
-        ({"resolution": 63}, "resolution must be a multiple of 2"),
+        ({"resolution": 63}, "resolution must be a multiple of 4"),
         ({"seed": -1}, "seed must be >= 0, got -1"),
         ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\), got 1.0"),
         ({"timestep_bias": "late"}, "timestep_bias must be one of none, earlier, later, got 'late'"),
