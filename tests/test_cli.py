@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,8 @@ def test_user_errors_print_one_line_and_no_traceback(tiny_sd_dir, tmp_path, monk
     from demo.cli import main
 
     monkeypatch.setenv("BESPOKE_HOME", str(tmp_path))
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)  # main() sets both for its process: give them back after
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
     cases = [  # the rest through the same entry point in this process (a subprocess costs seconds of imports each)
         (["generate", "--base", tiny_sd_dir, "--prompt", "  "], "prompt is empty"),
         (["generate", "--base", tiny_sd_dir, "--prompt", "x", "--height", "63"], "not a multiple of the VAE factor"),
