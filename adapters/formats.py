@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from adapters.format_names import FORMATS
 from adapters.validate import (
     EMBEDDING_PREFIX,
     PICKLE_SUFFIXES,
@@ -55,7 +56,6 @@ from adapters.validate import (
 )
 from gen.adapter import COMPONENTS, LoraAdapter
 
-FORMATS = ("diffusers", "peft", "kohya")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"

@@ -26,12 +26,13 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from adapters.format_names import FORMATS
 from adapters.samples import SAMPLE_SUBJECTS, subject_instance
 from adapters.train.config import PRESET_NAMES
 from demo.auth import Users
 from demo.file_guard import OutputsOnly
 from demo.jobs import JobState, JobStatus
-from demo.service import EXPORT_FORMATS, DemoService
+from demo.service import DemoService
 from demo.uploads import UploadRefused
 from gen import world
 from gen.errors import BespokeError
@@ -212,7 +213,7 @@ def build_app(service: DemoService) -> gr.Blocks:
                     delete_confirm = gr.Checkbox(False, label="Yes, delete it")
                     delete_btn = gr.Button("Delete", variant="stop")
                 with gr.Row():
-                    export_format = gr.Radio(list(EXPORT_FORMATS), value="diffusers", label="Export format")
+                    export_format = gr.Radio(list(FORMATS), value="diffusers", label="Export format")
                     export_btn = gr.Button("Export")
                     export_file = gr.File(label="Exported adapter (zip)", interactive=False)
                 concepts_message = gr.Markdown()

@@ -11,7 +11,7 @@ import argparse
 import json
 from collections.abc import Callable
 
-from adapters.formats import FORMATS
+from adapters.format_names import FORMATS
 
 
 def _open(args: argparse.Namespace):

@@ -29,6 +29,7 @@ from typing import Any
 from PIL import Image
 
 from adapters.fidelity import FidelitySettings, world_captions, world_evaluator_applies, world_fidelity_hook
+from adapters.format_names import FORMATS
 from adapters.registry import AdapterRecord, Registry, UserRegistry
 from adapters.registry.names import validate_name
 from adapters.samples import SAMPLE_SUBJECTS, sample_subject_images, subject_instance
@@ -45,7 +46,6 @@ from gen.sampler import SCHEDULERS, Request, Sampler
 from gen.serving import ServingConfig
 
 LOCAL_USER = "local"
-EXPORT_FORMATS = ("diffusers", "peft", "kohya")
 MAX_TRAIN_STEPS = 5000
 FIDELITY_KEYS = (
     "subject_fidelity", "autoencoder_ceiling", "subject_fidelity_above_class", "prompt_fidelity", "prompt_fidelity/recontext",
@@ -357,8 +357,8 @@ class DemoService:
 
     def export(self, user: str, concept: str, version: str, fmt: str) -> str:
         """A zip of one version in ``fmt`` (diffusers, peft or kohya), written under the user's exports."""
-        if fmt not in EXPORT_FORMATS:
-            raise InvalidRequest(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+        if fmt not in FORMATS:
+            raise InvalidRequest(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
         handle = self.handle(user)
         record = handle.record(concept, _version(version))
         folder = self._run_dir(user, "exports")

@@ -49,9 +49,8 @@ from torch import nn
 from gen.adapter import LoraAdapter
 from gen.cuda_graph import GraphedCalls
 from gen.errors import InvalidRequest
+from gen.lora_targets import TEXT_TARGETS, UNET_TARGETS, matches_target
 
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 EMPTY_SLOT = 0
 SINGLE_PATHS = ("bound", "slot", "fused")  # how a batch with one adapter set on every row runs
 
@@ -196,11 +195,6 @@ class _GroupedA:
     buffers: list[torch.Tensor]  # per group (members * rank, in)
     dst: list[torch.Tensor]
     src: list[torch.Tensor]
-
-
-def matches_target(name: str, targets: Sequence[str]) -> bool:
-    """peft's rule: a module is targeted when its path equals a target or ends with ``.<target>``."""
-    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 class LoraSlots:

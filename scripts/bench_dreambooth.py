@@ -40,7 +40,7 @@ from adapters.evaluation import AdapterEvaluation, evaluate_config  # noqa: E402
 from demo.cli_train import ProgressBars  # noqa: E402
 from gen.base import load_base  # noqa: E402
 from gen.benchmark import BenchmarkSettings  # noqa: E402
-from gen.lora_runtime import UNET_TARGETS  # noqa: E402
+from gen.lora_targets import UNET_TARGETS  # noqa: E402
 from gen.report import line_chart, write_json  # noqa: E402
 
 DREAMBENCH_PAPER = {  # Ruiz et al. 2023, DreamBench on Stable Diffusion

@@ -40,7 +40,7 @@ from diffusers.training_utils import cast_training_params
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters.train.lora import Attachment, LoraSpec, attach  # noqa: E402
 from gen.base import Base, load_base  # noqa: E402
-from gen.lora_runtime import UNET_TARGETS  # noqa: E402
+from gen.lora_targets import UNET_TARGETS  # noqa: E402
 from gen.tiny import save_tiny_pipeline  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

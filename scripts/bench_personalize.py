@@ -50,7 +50,7 @@ from adapters.train.config import add_config_arguments, overrides_from_args  # n
 from gen import world  # noqa: E402
 from gen.base import Base, load_base  # noqa: E402
 from gen.errors import InvalidRequest  # noqa: E402
-from gen.lora_runtime import UNET_TARGETS  # noqa: E402
+from gen.lora_targets import UNET_TARGETS  # noqa: E402
 
 TARGETS = {
     "train_seconds_max": 180.0,

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters.samples import sample_subject_images  # noqa: E402
 from adapters.train import TrainJob, resolve_config, train_adapters  # noqa: E402
 from gen.base import Base  # noqa: E402
-from gen.lora_runtime import UNET_TARGETS  # noqa: E402
+from gen.lora_targets import UNET_TARGETS  # noqa: E402
 from gen.tiny import TinyConfig, build_tiny_pipeline  # noqa: E402
 from gen.tokenizer import build_clip_tokenizer  # noqa: E402
 

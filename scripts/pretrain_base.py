@@ -74,6 +74,7 @@ class PretrainConfig:
     init_from: str = ""  # continue from a saved pipeline folder (e.g. gen/builtin/base) instead of from scratch
     # bookkeeping
     sample_every: int = 500
+    sample_steps: int = 25  # denoising steps of the sample grids (the built-in base's default)
     checkpoint_every: int = 250
     threads: int = 0  # torch threads per process; 0 = torch's default
     mixed_precision: str = "no"  # "bf16" on a GPU: autocast for the UNet and text encoder, fp32 master weights
@@ -358,9 +359,9 @@ SAMPLE_PROMPTS = (
 )
 
 
-def save_samples(pipe: StableDiffusionPipeline, path: Path, step: int) -> None:
+def save_samples(pipe: StableDiffusionPipeline, path: Path, step: int, steps: int) -> None:
     sampler = Sampler(Base.from_pipeline(pipe, source=f"pretrain step {step}"))
-    rows = [sampler.generate(p, num_images=4, seed=0, steps=25, guidance_scale=4.0).images for p in SAMPLE_PROMPTS]
+    rows = [sampler.generate(p, num_images=4, seed=0, steps=steps, guidance_scale=4.0).images for p in SAMPLE_PROMPTS]
     make_grid(rows, row_labels=SAMPLE_PROMPTS, title=f"step {step}").save(path)
 
 
@@ -446,7 +447,7 @@ def train_diffusion(cfg: PretrainConfig, accel: Accelerator, vae: AutoencoderKL,
                 log.clear()
         if accel.is_main_process and done % cfg.sample_every == 0 and not finished:
             pipe = ema_pipeline(ema, params, vae, accel.unwrap_model(text_encoder), tokenizer, accel.unwrap_model(unet))
-            save_samples(pipe, out / f"samples_{done:06d}.png", done)
+            save_samples(pipe, out / f"samples_{done:06d}.png", done, cfg.sample_steps)
             accel.print(f"step {done}: {time.time() - t0:.0f}s, samples in {out}/samples_{done:06d}.png")
         if finished:
             if done < cfg.steps:
@@ -521,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"saved {final}")
         done = out / "checkpoint" / "step.json"  # absent after a decoder-only run (--steps 0)
         step = json.loads(done.read_text())["step"] if done.is_file() else 0
-        save_samples(pipe, out / f"samples_{step:06d}.png", step)
+        save_samples(pipe, out / f"samples_{step:06d}.png", step, cfg.sample_steps)
         if ship:
             shutil.rmtree(BUILTIN_BASE_DIR, ignore_errors=True)
             shutil.copytree(final, BUILTIN_BASE_DIR)

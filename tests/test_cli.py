@@ -25,6 +25,14 @@ def test_help_lists_each_command_in_a_line(tmp_path):
         assert any(line.strip().startswith(command + " ") for line in out.stdout.splitlines()), command
 
 
+def test_building_the_parser_imports_neither_torch_nor_diffusers():
+    """`bespoke --help` and argument errors stay instant: the flags come from torch-free modules."""
+    code = "import sys; from demo.cli import build_parser; build_parser(); print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_generate_writes_pngs_with_provenance_and_a_sidecar(tiny_sd_dir, tmp_path):
     out_dir = tmp_path / "out"
     run = bespoke("generate", "--base", tiny_sd_dir, "--prompt", "a red mug", "-n", "2", "--seed", "3", "--steps", "3", "--out", str(out_dir), home=tmp_path)

@@ -27,7 +27,7 @@ def _script():
 def _args(out: Path, *extra: str) -> list[str]:
     return [
         "--out", str(out), "--pool-size", "48", "--vae-steps", "2", "--steps", "4", "--batch", "2", "--checkpoint-every", "2",
-        "--sample-every", "1000", "--unet-channels", "32,32", "--vae-channels", "16,16,16", "--threads", "1", *extra,
+        "--sample-every", "1000", "--sample-steps", "2", "--unet-channels", "32,32", "--vae-channels", "16,16,16", "--threads", "1", *extra,
     ]
 
 

@@ -24,7 +24,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from gen.errors import InvalidRequest
-from gen.lora_runtime import TEXT_TARGETS, UNET_TARGETS, RuntimeConfig, matches_target
+from gen.lora_targets import TEXT_TARGETS, UNET_TARGETS, matches_target
 
 PRESET_NAMES = ("quick", "balanced", "best")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -184,11 +184,12 @@ def resolve_config(base, preset: str = "balanced", **overrides: Any) -> TrainCon
 
 def _warn_if_not_served(cfg: TrainConfig, base) -> None:
     """Training can put LoRA on any layer peft wraps, but the sampler preallocates slots for its default
-    targets only and refuses an adapter outside them; say so before the training rather than at the first request."""
-    slots, pipe = RuntimeConfig(), getattr(base, "pipe", None)
-    wanted = [("unet", cfg.unet_targets, slots.unet_targets)]
+    targets (those of ``RuntimeConfig()``) only and refuses an adapter outside them; say so before the training
+    rather than at the first request."""
+    pipe = getattr(base, "pipe", None)
+    wanted = [("unet", cfg.unet_targets, UNET_TARGETS)]
     if cfg.text_encoder_lora:
-        wanted += [(name, cfg.text_targets, slots.text_targets) for name in ("text_encoder", "text_encoder_2")]
+        wanted += [(name, cfg.text_targets, TEXT_TARGETS) for name in ("text_encoder", "text_encoder_2")]
     outside = []
     for component, targets, served in wanted:
         model = getattr(pipe, component, None)
