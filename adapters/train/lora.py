@@ -200,6 +200,7 @@ class Attachment:
         }
         self._checkpointing = {name: _is_checkpointing(m) for name, m in self._models.items()}
         self._embeddings: dict[str, nn.Embedding] = {}
+        self._tuner_layers: list[BaseTunerLayer] = []  # peft's LoRA layers, found once (base_only runs every step)
         self.router: Router | None = None
 
     # --- building ---
@@ -214,6 +215,7 @@ class Attachment:
                 self._inject(name, self.spec.text_targets)
         if any(self.spec.new_tokens):
             self._add_token_rows()
+        self._tuner_layers = [m for model in self._models.values() for m in model.modules() if isinstance(m, BaseTunerLayer)]
         if self.users > 1:
             self.router = Router(list(self._models.values()))
 
@@ -315,15 +317,14 @@ class Attachment:
         adapters being trained.) Rows are routed to peft's ``"__base__"`` too, so a multi-user
         router does not hand a smaller batch the full batch's per-row names.
         """
-        layers = [m for model in self._models.values() for m in model.modules() if isinstance(m, BaseTunerLayer)]
         routed = self.router.route("__base__") if self.router else contextlib.nullcontext()
-        for layer in layers:
+        for layer in self._tuner_layers:
             layer._disable_adapters = True
         try:
             with routed:
                 yield
         finally:
-            for layer in layers:
+            for layer in self._tuner_layers:
                 layer._disable_adapters = False
 
     def rows(self, users: Sequence[int]) -> contextlib.AbstractContextManager:
@@ -365,6 +366,7 @@ class Attachment:
             self.router.close()
         for encoder_name, embedding in self._embeddings.items():
             self.text_encoders[encoder_name].set_input_embeddings(embedding)
+        self._tuner_layers = []
         for name, model in self._models.items():
             recurse_remove_peft_layers(model)
             if _is_checkpointing(model) and not self._checkpointing[name]:
