@@ -359,9 +359,9 @@ SAMPLE_PROMPTS = (
 )
 
 
-def save_samples(pipe: StableDiffusionPipeline, path: Path, step: int, steps: int) -> None:
+def save_samples(pipe: StableDiffusionPipeline, path: Path, step: int, denoising_steps: int) -> None:
     sampler = Sampler(Base.from_pipeline(pipe, source=f"pretrain step {step}"))
-    rows = [sampler.generate(p, num_images=4, seed=0, steps=steps, guidance_scale=4.0).images for p in SAMPLE_PROMPTS]
+    rows = [sampler.generate(p, num_images=4, seed=0, steps=denoising_steps, guidance_scale=4.0).images for p in SAMPLE_PROMPTS]
     make_grid(rows, row_labels=SAMPLE_PROMPTS, title=f"step {step}").save(path)
 
 
@@ -490,7 +490,7 @@ def save_base(pipe: StableDiffusionPipeline, cfg: PretrainConfig, out: Path, arg
     return final
 
 
-def parse_args(argv: list[str]) -> PretrainConfig:
+def parse_args(argv: list[str]) -> tuple[PretrainConfig, bool]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in fields(PretrainConfig):
         kind = type(f.default)
@@ -500,6 +500,8 @@ def parse_args(argv: list[str]) -> PretrainConfig:
             parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     parser.add_argument("--ship", action="store_true", help="copy the result into gen/builtin/base")
     args = parser.parse_args(argv)
+    if args.sample_steps < 1:  # refused now rather than at the first sample grid, hours into a run
+        parser.error(f"--sample-steps must be at least 1, not {args.sample_steps}")
     ship = args.__dict__.pop("ship")
     return PretrainConfig(**vars(args)), ship
 

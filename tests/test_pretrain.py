@@ -71,3 +71,10 @@ def test_a_decoder_only_run_changes_the_decoder_and_nothing_the_unet_was_trained
     assert any((before[k] != after[k]).any() for k in before if k.startswith("decoder."))
     unet_before, unet_after = _unet(tmp_path / "first"), _unet(tmp_path / "decoder")
     assert all((unet_before[k] == unet_after[k]).all() for k in unet_before)
+
+
+def test_a_sample_grid_without_denoising_steps_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _script().main(_args(tmp_path / "out", "--sample-steps", "0"))
+    assert "--sample-steps must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
