@@ -150,8 +150,9 @@ def test_pivotal_tuning_encodes_the_class_captions_once_and_trains_as_if_it_enco
     (live,) = train_adapters(base, job, cfg)
     assert encoded.count(class_caption) == cfg.steps * cfg.batch_size  # a class row per instance row
     torch.testing.assert_close(cached.adapter.token_embeddings, live.adapter.token_embeddings, rtol=1e-4, atol=1e-6)
-    for key, tensor in cached.adapter.tensors.items():
-        torch.testing.assert_close(tensor, live.adapter.tensors[key], rtol=1e-4, atol=1e-6)
+    for key, tensor in cached.adapter.tensors.items():  # float order (batched vs one-off encoding) moves near-zero
+        # elements by ~1e-6 on some CPUs (an AVX-512 Xeon: 1.06e-6, one element in 256), which Adam's ~lr * sign(grad) keeps
+        torch.testing.assert_close(tensor, live.adapter.tensors[key], rtol=1e-4, atol=1e-5)
     assert cached.loss_curve == pytest.approx(live.loss_curve, rel=1e-5)
 
 
