@@ -203,6 +203,21 @@ def test_token_retraction_keeps_each_users_new_token_near_the_vocabulary_scale(t
     torch.testing.assert_close(token(held[0]), token(alone), rtol=1e-3, atol=1e-4)  # another user's rows never move these
 
 
+def test_loraplus_steps_the_b_matrices_ratio_times_as_far_and_leaves_a_as_plain_lora_does(tiny_sd_dir, photos):
+    """B starts at zero, so the first step moves only B, by lr * g / |g| under Adam: ratio times as far with LoRA+."""
+    base = load_base(tiny_sd_dir)
+    job = TrainJob("gus", "m", photos, "mug")
+    options = {"steps": 1, "lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.0, **FAST}
+    (plain,) = train_adapters(base, [job], resolve_config(base, **options))
+    (plus,) = train_adapters(base, [job], resolve_config(base, loraplus_lr_ratio=4.0, **options))
+    b_keys = [k for k in plain.adapter.tensors if "lora_B" in k]
+    assert b_keys and len(b_keys) * 2 == sum(k.startswith("unet.") for k in plain.adapter.tensors)
+    for key, tensor in plain.adapter.tensors.items():
+        expected = 4.0 * tensor if key in b_keys else tensor
+        torch.testing.assert_close(plus.adapter.tensors[key], expected, rtol=1e-4, atol=1e-7)
+    assert max(float(plain.adapter.tensors[k].abs().max()) for k in b_keys) > 1e-3  # B did move
+
+
 def test_distilled_prior_is_zero_while_the_adapter_is_the_base(tiny_sd_dir, photos):
     """With a vanishing learning rate the LoRA stays ~zero, so the model is the base and class rows regressed
     on the base's own prediction add nothing: the loss equals the instance rows' alone. Class rows
@@ -330,6 +345,7 @@ def test_presets_options_and_command_line_flags(tiny_sd_dir):
         ({"timestep_bias": "late"}, "timestep_bias must be one of none, earlier, later, got 'late'"),
         ({"timestep_bias_portion": 0.0}, r"timestep_bias_portion must be in \(0, 1\], got 0.0"),
         ({"token_retract": 1.5}, "token_retract must be between 0 and 1, got 1.5"),
+        ({"loraplus_lr_ratio": 0.0}, "loraplus_lr_ratio must be positive, got 0.0"),
         ({"mixed_precision": "fp16"}, "fp16 needs a CUDA device"),
         ({"trigger": "zwx", "new_token": True}, "either a trigger or new_token"),
         ({"prior_distill": False, "prior_context": True}, "prior_context needs prior_preservation and prior_distill"),
@@ -513,6 +529,11 @@ def test_fidelity_metrics_rate_real_renders_as_faithful():
         assert "{trigger} robot" in caption and (stated["background"], stated["scene"]) == (spec.background, spec.scene)
 
 
+def _unet_lora(lora, k: int) -> list:
+    params = lora.user_parameters(k)
+    return params["unet_A"] + params["unet_B"]
+
+
 @pytest.mark.parametrize("users", [1, 2])
 def test_base_only_runs_the_base_with_live_lora_and_leaves_it_trainable(tiny_sd_dir, users):
     """What the distilled prior regresses on: the base's prediction even while the LoRA is far from zero."""
@@ -526,12 +547,12 @@ def test_base_only_runs_the_base_with_live_lora_and_leaves_it_trainable(tiny_sd_
         expected = unet(x, t, context).sample
     spec = LoraSpec(4, 4.0, 0.0, ("to_q", "to_k", "to_v", "to_out.0"), None, ((),) * users, ("mug",) * users, tuple(range(users)))
     with attach(base, spec) as lora, torch.no_grad(), lora.rows([0, users - 1]):
-        for p in lora.user_parameters(0)["unet"]:
+        for p in _unet_lora(lora, 0):
             p.add_(0.5)
         assert (unet(x, t, context).sample - expected).abs().max() > 1e-2  # the LoRA is live
         with lora.base_only():
             torch.testing.assert_close(unet(x[:1], t[:1], context[:1]).sample, expected[:1], rtol=1e-4, atol=1e-5)
-        assert all(p.requires_grad for k in range(users) for p in lora.user_parameters(k)["unet"])
+        assert all(p.requires_grad for k in range(users) for p in _unet_lora(lora, k))
         assert (unet(x, t, context).sample - expected).abs().max() > 1e-2  # and live again after
 
 
@@ -549,7 +570,7 @@ def test_batched_multi_user_lora_matches_peft_per_user_loop_in_outputs_and_gradi
     targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1")  # Linear, 1x1 and 3x3 Conv2d
     spec = LoraSpec(4, 8.0, 0.0, targets, None, ((),) * 3, ("mug",) * 3, (0, 1, 2))
     with attach(base, spec) as lora:
-        params = [p for k in range(3) for p in lora.user_parameters(k)["unet"]]
+        params = [p for k in range(3) for p in _unet_lora(lora, k)]
         with torch.no_grad():
             for p in params:
                 p.normal_(0, 0.2, generator=g)  # every user's B nonzero, all different

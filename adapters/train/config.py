@@ -74,6 +74,10 @@ class TrainConfig:
     lr: float = _opt(1e-4, "learning rate of the LoRA weights")
     text_lr: float | None = _opt(None, "learning rate of text-encoder LoRA (default: lr)")
     token_lr: float = _opt(5e-3, "learning rate of new token embeddings")
+    loraplus_lr_ratio: float = _opt(
+        1.0, "LoRA+ (Hayou et al. 2024; peft's create_loraplus_optimizer, kohya's loraplus_lr_ratio): the B matrices "
+        "learn at this many times the A matrices' rate, e.g. 16 (1: plain LoRA)"
+    )
     token_retract: float = _opt(
         0.1, "after each step scale each user's new token embeddings by (the vocabulary's std / theirs) ** this, as "
         "diffusers' pivotal tuning does (retract_embeddings): the token stays near the vocabulary's scale (0: off)"
@@ -243,7 +247,7 @@ def _check(cfg: TrainConfig, base) -> None:
         need(getattr(cfg, name) >= 1, f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("warmup_steps", "validation_every", "checkpoint_every", "seed"):
         need(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("lr", "text_lr", "token_lr", "max_grad_norm"):
+    for name in ("lr", "text_lr", "token_lr", "loraplus_lr_ratio", "max_grad_norm"):
         need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
     need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
     need(cfg.min_snr_gamma >= 0, f"min_snr_gamma must be >= 0, got {cfg.min_snr_gamma}")

@@ -223,8 +223,13 @@ def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerat
 
 
 def _param_groups(lora: Attachment, cfg: TrainConfig, users: int) -> tuple[list[dict], list[list[torch.nn.Parameter]]]:
-    """Optimizer groups per user and kind (own learning rate; no weight decay on token embeddings)."""
-    settings = {"unet": (cfg.lr, cfg.weight_decay), "text": (cfg.text_lr, cfg.weight_decay), "tokens": (cfg.token_lr, 0.0)}
+    """Optimizer groups per user and kind (own learning rate, B's scaled by LoRA+'s ratio; no weight decay on token embeddings)."""
+    ratio = cfg.loraplus_lr_ratio
+    settings = {
+        "unet_A": (cfg.lr, cfg.weight_decay), "unet_B": (cfg.lr * ratio, cfg.weight_decay),
+        "text_A": (cfg.text_lr, cfg.weight_decay), "text_B": (cfg.text_lr * ratio, cfg.weight_decay),
+        "tokens": (cfg.token_lr, 0.0),
+    }
     groups, per_user = [], []
     for k in range(users):
         params = lora.user_parameters(k)

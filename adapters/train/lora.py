@@ -269,13 +269,16 @@ class Attachment:
         return {n: m for n, m in self._models.items() if any(p.requires_grad for p in m.parameters())}
 
     def user_parameters(self, k: int) -> dict[str, list[nn.Parameter]]:
-        """User k's trainable parameters: ``unet`` LoRA, ``text`` LoRA and ``tokens`` rows."""
+        """User k's trainable parameters: ``unet_A``/``unet_B`` and ``text_A``/``text_B`` LoRA matrices (apart,
+        since LoRA+ gives B its own learning rate) and ``tokens`` rows."""
         name = adapter_name(k)
-        groups: dict[str, list[nn.Parameter]] = {"unet": [], "text": [], "tokens": []}
+        groups: dict[str, list[nn.Parameter]] = {"unet_A": [], "unet_B": [], "text_A": [], "text_B": [], "tokens": []}
         for model_name, model in self._models.items():
+            side = "unet" if model_name == "unet" else "text"
             for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
                 if name in layer.lora_A:
-                    groups["unet" if model_name == "unet" else "text"] += [layer.lora_A[name].weight, layer.lora_B[name].weight]
+                    groups[f"{side}_A"].append(layer.lora_A[name].weight)
+                    groups[f"{side}_B"].append(layer.lora_B[name].weight)
         for encoder_name in self._embeddings:
             groups["tokens"].append(self.text_encoders[encoder_name].get_input_embeddings().rows[k])
         return groups
