@@ -66,6 +66,7 @@ BESPOKE_PREFIX = "bespoke."
 MAX_CONFIG_BYTES = 1 << 20
 KOHYA_PREFIXES = {"unet": ("lora_unet_",), "text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",)}
 KOHYA_SUFFIXES = {"lora_down.weight": "A", "lora_up.weight": "B"}
+MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")  # a module path, as alpha_pattern keys name them
 _DTYPE_CODES = {dtype: code for code, dtype in SAFE_DTYPES.items()}
 KOHYA_EMBED_KEYS = {"string_to_param.*": "text_encoder", "clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 
@@ -89,16 +90,33 @@ def bespoke_metadata(adapter: LoraAdapter, extra: Mapping[str, object] | None = 
     return {BESPOKE_PREFIX + k: json.dumps(v) for k, v in fields.items() if v is not None}
 
 
+# What the fields that shape an adapter must hold when a file sets them (others are kept as they come)
+_BESPOKE_TYPES = {"target_modules": "a list of module names", "new_tokens": "a list of tokens", "trigger": "text", "class_word": "text", "base_fingerprint": "text"}
+
+
 def read_bespoke_metadata(metadata: Mapping[str, str]) -> dict[str, object]:
     """Inverse of :func:`bespoke_metadata`; malformed entries are refused, not guessed."""
     out = {}
     for key, value in metadata.items():
         if key.startswith(BESPOKE_PREFIX):
-            try:
-                out[key[len(BESPOKE_PREFIX):]] = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise InvalidAdapter(f"header field {key!r} is not valid JSON") from e
+            name = key[len(BESPOKE_PREFIX):]
+            out[name] = _parse_json(value, f"header field {key!r}")
+            if name in _BESPOKE_TYPES and out[name] is not None and not _holds(out[name], _BESPOKE_TYPES[name]):
+                raise InvalidAdapter(f"header field {key!r} must be {_BESPOKE_TYPES[name]}, not {value[:80]}")
     return out
+
+
+def _holds(value: object, kind: str) -> bool:
+    if kind == "text":
+        return isinstance(value, str)
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _parse_json(text: str, what: str):
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nesting deeper than Python recurses
+        raise InvalidAdapter(f"{what} is not valid JSON") from e
 
 
 def diffusers_lora_metadata(adapter: LoraAdapter) -> dict[str, object]:
@@ -169,29 +187,53 @@ def _write_file(path: Path, data: bytes) -> Path:
     return path
 
 
-def _write_embeddings(adapter: LoraAdapter, folder: Path) -> None:
-    if adapter.token_embeddings:
-        metadata = {"new_tokens": json.dumps(list(adapter.new_tokens))}
-        _write_file(folder / EMBEDDINGS_NAME, _safetensors_bytes(adapter.token_embeddings, metadata))
+# Every file a diffusers or peft export may write, relative to its folder. An export removes the ones it did not
+# write this time: a stale adapter_config.json or text_encoder/ from an earlier export would otherwise be read
+# back as part of this adapter (and a peft config outranks diffusers weights when the format is detected).
+EXPORT_FILES = (
+    DIFFUSERS_WEIGHT_NAME, EMBEDDINGS_NAME, PEFT_WEIGHT_NAME, PEFT_CONFIG_NAME,
+    *(f"{component}/{name}" for component in COMPONENTS[1:] for name in (PEFT_WEIGHT_NAME, PEFT_CONFIG_NAME)),
+)
+
+
+def _write_folder(folder: Path, files: Mapping[str, bytes]) -> None:
+    """Write ``files`` (relative name -> bytes), then remove the other export files an earlier export left."""
+    for name, data in files.items():
+        _write_file(folder / name, data)
+    for name in EXPORT_FILES:
+        if name not in files:
+            (folder / name).unlink(missing_ok=True)
+    for component in COMPONENTS[1:]:
+        if (folder / component).is_dir() and not any((folder / component).iterdir()):
+            (folder / component).rmdir()
+
+
+def _embedding_files(adapter: LoraAdapter) -> dict[str, bytes]:
+    if not adapter.token_embeddings:
+        return {}
+    metadata = {"new_tokens": json.dumps(list(adapter.new_tokens))}
+    return {EMBEDDINGS_NAME: _safetensors_bytes(adapter.token_embeddings, metadata)}
 
 
 def write_diffusers(adapter: LoraAdapter, folder: str | os.PathLike, extra: Mapping[str, object] | None = None) -> Path:
     """``folder/pytorch_lora_weights.safetensors``, loadable by ``pipe.load_lora_weights`` with alpha intact."""
     folder = Path(folder)
-    _write_embeddings(adapter, folder)
-    return _write_file(folder / DIFFUSERS_WEIGHT_NAME, _safetensors_bytes(adapter.tensors, _diffusers_header(adapter, extra)))
+    weights = _safetensors_bytes(adapter.tensors, _diffusers_header(adapter, extra))
+    _write_folder(folder, {DIFFUSERS_WEIGHT_NAME: weights, **_embedding_files(adapter)})
+    return folder / DIFFUSERS_WEIGHT_NAME
 
 
 def write_peft(adapter: LoraAdapter, folder: str | os.PathLike, extra: Mapping[str, object] | None = None) -> Path:
     """A peft folder: the UNet's adapter at the root, text encoders' in subfolders named after them."""
     folder = Path(folder)
     header = {"format": "pt", **bespoke_metadata(adapter, extra)}
+    files = {}
     for component, modules in _modules_by_component(adapter).items():
-        sub = folder if component == "unet" else folder / component
+        sub = "" if component == "unet" else f"{component}/"
         tensors = {PEFT_PREFIX + k: v for k, v in adapter.component_tensors(component).items()}
-        _write_file(sub / PEFT_WEIGHT_NAME, _safetensors_bytes(tensors, header))
-        _write_file(sub / PEFT_CONFIG_NAME, json.dumps(_peft_config(adapter, modules), indent=2).encode())
-    _write_embeddings(adapter, folder)
+        files[sub + PEFT_WEIGHT_NAME] = _safetensors_bytes(tensors, header)
+        files[sub + PEFT_CONFIG_NAME] = json.dumps(_peft_config(adapter, modules), indent=2).encode()
+    _write_folder(folder, {**files, **_embedding_files(adapter)})
     return folder
 
 
@@ -314,14 +356,14 @@ def _read_diffusers(path: Path, spec: BaseSpec, limits: Limits):
     tensors, meta = load_safetensors(path, limits)
     inline = {k[len(EMBEDDING_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(EMBEDDING_PREFIX)}
     embeddings = (inline, tuple(read_bespoke_metadata(meta).get("new_tokens") or ())) if inline else _read_embeddings(path.parent, limits)
-    config = _json_field(meta, LORA_METADATA_KEY, path)
+    config = _json_field(meta, LORA_METADATA_KEY, path, dict)
     alphas = {}
     for key, tensor in tensors.items():
         module, which = split_lora_key(key)
         if which == "A":
             component, module_path = module.split(".", 1)
             sub = {k[len(component) + 1:]: v for k, v in config.items() if k.startswith(component + ".")}
-            alphas[module] = _config_alpha(sub, module_path, tensor.shape[0]) if sub else None
+            alphas[module] = _config_alpha(sub, module_path, _rank_of(key, tensor)) if sub else None
     return tensors, alphas, meta, embeddings
 
 
@@ -349,7 +391,7 @@ def _read_peft(folder: Path, spec: BaseSpec, limits: Limits):
             module, which = split_lora_key(ours)
             tensors[ours] = tensor
             if which == "A":
-                alphas[module] = _config_alpha(config, module.split(".", 1)[1], tensor.shape[0])
+                alphas[module] = _config_alpha(config, module.split(".", 1)[1], _rank_of(ours, tensor))
     if not tensors:
         raise InvalidAdapter(f"{folder} holds no peft adapter (no {PEFT_CONFIG_NAME} with weights)")
     return tensors, alphas, meta, _read_embeddings(folder, limits)
@@ -387,16 +429,22 @@ def _read_kohya(path: Path, spec: BaseSpec, limits: Limits):
         else:
             raise InvalidAdapter(f"{path.name}: kohya key {key!r} is not a plain LoRA weight (LoHa, LoKr and DoRA are not supported)")
     header_alpha = meta.get("ss_network_alpha")
+    header_alpha = None if header_alpha is None else _parse_float(header_alpha, "ss_network_alpha")
     for key in tensors:
         module, _ = split_lora_key(key)
         if module not in alphas and header_alpha is not None:
-            alphas[module] = _parse_float(header_alpha, "ss_network_alpha")
+            alphas[module] = header_alpha
+        elif header_alpha is not None and alphas[module] == float(torch.tensor(header_alpha, dtype=torch.float32)):
+            alphas[module] = header_alpha  # the .alpha tensor is float32 (0.1 reads 0.10000000149); the header has the digits
     tokens = tuple(next(iter(bundles.values()), {}))
     declared = tuple(read_bespoke_metadata(meta).get("new_tokens") or ())
     if set(declared) == set(tokens):
         tokens = declared  # keys come back sorted; the header keeps the tokens' order
     if any(set(b) != set(tokens) for b in bundles.values()):
         raise InvalidAdapter(f"{path.name}: bundle_emb entries do not name the same tokens for every text encoder")
+    for component, bundle in bundles.items():
+        if len({t.numel() for t in bundle.values()}) > 1:
+            raise InvalidAdapter(f"{path.name}: bundle_emb entries for {component} differ in size ({sorted({t.numel() for t in bundle.values()})})")
     embeddings = {c: torch.cat([bundles[c][t].reshape(1, -1) for t in tokens]) for c in bundles}
     if "trigger" not in read_bespoke_metadata(meta) and meta.get("modelspec.trigger_phrase"):
         meta = {**meta, BESPOKE_PREFIX + "trigger": json.dumps(meta["modelspec.trigger_phrase"])}
@@ -425,7 +473,9 @@ def _read_embeddings(folder: Path, limits: Limits) -> Embeddings:
     if not path.is_file():
         return {}, ()
     tensors, meta = load_safetensors(path, limits)
-    tokens = _json_field(meta, "new_tokens", path) or []
+    tokens = _json_field(meta, "new_tokens", path, list)
+    if not all(isinstance(t, str) for t in tokens):
+        raise InvalidAdapter(f"{path.name}: header field 'new_tokens' must list tokens as text")
     return tensors, tuple(tokens)
 
 
@@ -436,13 +486,15 @@ def _config_alpha(config: Mapping, module_path: str, rank: int | None) -> float 
     is the same as a plain LoRA with alpha*sqrt(r), which is how it is kept.
     """
     alpha = config.get("lora_alpha")
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        try:
-            if re.match(rf"(.*\.)?({pattern})$", module_path):
-                alpha = value
-                break
-        except re.error as e:
-            raise InvalidAdapter(f"alpha_pattern key {pattern!r} is not a valid pattern") from e
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise InvalidAdapter("alpha_pattern must map module names to alphas")
+    for pattern, value in patterns.items():
+        if not MODULE_NAME.fullmatch(pattern):  # a regex from a file could backtrack for hours, so only names are read
+            raise InvalidAdapter(f"alpha_pattern key {pattern[:80]!r} is not a module name; regular expressions are not accepted from files")
+        if module_path == pattern or module_path.endswith("." + pattern):  # peft's (.*\.)?(name)$ for a plain name
+            alpha = value
+            break
     if alpha is None:
         return None
     alpha = _parse_float(alpha, "lora_alpha")
@@ -451,11 +503,18 @@ def _config_alpha(config: Mapping, module_path: str, rank: int | None) -> float 
     return alpha
 
 
+def _rank_of(key: str, tensor: torch.Tensor) -> int:
+    """A lora_A's rank, its first dimension; a LoRA matrix has at least two (Conv2d's have four)."""
+    if tensor.ndim < 2:
+        raise InvalidAdapter(f"tensor {key!r} has shape {tuple(tensor.shape)}; a LoRA weight has at least 2 dimensions")
+    return int(tensor.shape[0])
+
+
 def _assemble(tensors: dict[str, torch.Tensor], module_alphas: Mapping[str, float | None], meta: Mapping[str, str], embeddings: Embeddings, spec: BaseSpec) -> LoraAdapter:
     """One rank and one alpha for the whole adapter; modules with another alpha get it folded into B."""
     if not tensors:
         raise InvalidAdapter("the file holds no LoRA tensors")
-    ranks = Counter(t.shape[0] for k, t in tensors.items() if k.endswith(".lora_A.weight"))
+    ranks = Counter(_rank_of(k, t) for k, t in tensors.items() if k.endswith(".lora_A.weight"))
     if not ranks:
         raise InvalidAdapter("the file holds lora_B tensors but no lora_A")
     rank = ranks.most_common(1)[0][0]
@@ -486,13 +545,14 @@ def _assemble(tensors: dict[str, torch.Tensor], module_alphas: Mapping[str, floa
     )
 
 
-def _json_field(meta: Mapping[str, str], key: str, path: Path):
+def _json_field(meta: Mapping[str, str], key: str, path: Path, kind: type):
+    """A header field holding JSON of type ``kind`` (empty when absent)."""
     if key not in meta:
-        return {}
-    try:
-        return json.loads(meta[key])
-    except json.JSONDecodeError as e:
-        raise InvalidAdapter(f"{path.name}: header field {key!r} is not valid JSON") from e
+        return kind()
+    value = _parse_json(meta[key], f"{path.name}: header field {key!r}")
+    if not isinstance(value, kind):
+        raise InvalidAdapter(f"{path.name}: header field {key!r} must be a JSON {'object' if kind is dict else 'list'}")
+    return value
 
 
 def _read_json_file(path: Path) -> dict:
@@ -500,7 +560,7 @@ def _read_json_file(path: Path) -> dict:
         raise InvalidAdapter(f"{path} is over {MAX_CONFIG_BYTES} bytes")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise InvalidAdapter(f"{path} is not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise InvalidAdapter(f"{path} is not a JSON object")

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import struct
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ TORCH_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch
 EMBEDDING_PREFIX = "token_embeddings."
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 MAX_TEXT_FIELD = 200  # trigger and class word
+# Bidirectional overrides and isolates: text that reads differently from what it holds (U+202E turns "gnp.exe" around)
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 class InvalidAdapter(BespokeError):
@@ -183,7 +186,7 @@ def read_header(path: str | os.PathLike, limits: Limits = Limits()) -> Safetenso
         raise InvalidAdapter(f"cannot read {path}: {e.strerror or e}") from e
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: "[[[[..." nested deeper than Python recurses
         raise InvalidAdapter(f"{path.name}: safetensors header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
         raise InvalidAdapter(f"{path.name}: safetensors header is not a JSON object")
@@ -212,7 +215,7 @@ def _check_entries(name: str, header: dict) -> tuple[dict[str, TensorInfo], int]
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise InvalidAdapter(f"{name}: tensor {key!r} has a malformed header entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in SAFE_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFE_DTYPES:
             raise InvalidAdapter(f"{name}: tensor {key!r} has dtype {dtype}; only float16, bfloat16 and float32 are accepted")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise InvalidAdapter(f"{name}: tensor {key!r} has an invalid shape {shape!r}")
@@ -290,7 +293,7 @@ def check_text(name: str, text: str | None) -> None:
         return
     if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT_FIELD:
         raise InvalidAdapter(f"{name} must be non-empty text of at most {MAX_TEXT_FIELD} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in BIDI_CONTROLS for c in text):  # C0, DEL, C1, line breaks
         raise InvalidAdapter(f"{name} {text!r} contains control characters")
 
 

@@ -21,7 +21,7 @@ def _open(args: argparse.Namespace):
 
 
 def _version(text: str) -> int | str:
-    return int(text) if text.isdigit() else text
+    return int(text) if text.isascii() and text.isdigit() else text
 
 
 def _size(n: float) -> str:

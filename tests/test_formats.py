@@ -199,6 +199,34 @@ def test_text_encoder_lora_and_token_embeddings_round_trip(sd, tmp_path, fmt):
     torch.testing.assert_close(back.token_embeddings["text_encoder"], adapter.token_embeddings["text_encoder"])
 
 
+@pytest.mark.parametrize("first, second", [("peft", "diffusers"), ("diffusers", "peft"), ("peft", "peft"), ("diffusers", "diffusers")])
+def test_an_export_over_an_earlier_one_reads_back_as_the_new_adapter_alone(sd, tmp_path, first, second):
+    """A folder export rewrites its folder: an earlier export's config, text-encoder subfolder or token file
+    would otherwise be read back as part of the new adapter (or, as a peft config, outrank it)."""
+    base, spec = sd
+    old = random_adapter(spec, targets=("to_q", "q_proj"), components=("unet", "text_encoder"), alpha=8.0, seed=1)
+    old.new_tokens, old.token_embeddings = ("<rex>",), {"text_encoder": torch.randn(1, spec.embedding_dims["text_encoder"])}
+    new = random_adapter(spec, alpha=2.0, seed=2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    write_adapter(old, tmp_path / "out", first)
+    write_adapter(new, tmp_path / "out", second)
+    back, fmt = read_adapter(tmp_path / "out", spec)
+    assert fmt == second and back.alpha == 2.0 and back.new_tokens == () and back.token_embeddings == {}
+    assert back.tensors.keys() == new.tensors.keys()
+    assert_same_effect(new, back)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # only export files are removed
+    assert not (tmp_path / "out" / "text_encoder").exists()
+
+
+def test_kohya_alpha_keeps_the_digits_its_float32_tensor_loses(sd, tmp_path):
+    base, spec = sd
+    adapter = random_adapter(spec, alpha=0.1)
+    back, _ = read_adapter(write_adapter(adapter, tmp_path / "k.safetensors", "kohya"), spec)
+    assert back.alpha == 0.1
+    assert_same_effect(adapter, back)
+
+
 def test_sdxl_kohya_uses_te1_and_te2_and_round_trips(tmp_path):
     base = Base.from_pipeline(build_tiny_pipeline("sdxl"))
     spec = BaseSpec.from_base(base)
@@ -314,12 +342,67 @@ def test_malformed_headers_are_refused(tmp_path):
         "bad json": (b"{not json", None),
         "metadata": (json.dumps({"__metadata__": {"a": 1}}).encode(), "strings"),
         "offsets": (json.dumps({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode(), "needs 8"),
+        "dtype list": (json.dumps({"t": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}).encode(), "has dtype"),
+        "nesting": (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),  # deeper than Python's recursion limit
     }
     for name, (raw, match) in cases.items():
         path = tmp_path / f"{name}.safetensors"
         path.write_bytes(struct.pack("<Q", len(raw)) + raw)
         with pytest.raises(InvalidAdapter, match=match):
             read_header(path)
+
+
+def _diffusers_file(path: Path, tensors: dict, metadata: dict) -> Path:
+    from adapters.formats import _safetensors_bytes
+
+    path.write_bytes(_safetensors_bytes(tensors, metadata))
+    return path
+
+
+def test_malformed_header_fields_are_refused_with_the_field_named(sd, tmp_path):
+    """Every value read from a file is checked for its type before use: a clear refusal, never a TypeError."""
+    from adapters.formats import bespoke_metadata
+
+    base, spec = sd
+    good = random_adapter(spec)
+    key_a = next(k for k in good.tensors if k.endswith("lora_A.weight"))
+    embedding = {"token_embeddings.text_encoder": torch.zeros(1, spec.embedding_dims["text_encoder"])}
+    cases = {
+        "0-dim A": ({**good.tensors, key_a: torch.tensor(1.0)}, {}, "at least 2 dimensions"),
+        "targets a number": (good.tensors, {**bespoke_metadata(good), "bespoke.target_modules": "5"}, "bespoke.target_modules' must be a list"),
+        "targets not text": (good.tensors, {**bespoke_metadata(good), "bespoke.target_modules": '[{"a": 1}, 3]'}, "must be a list of module names"),
+        "tokens a number": ({**good.tensors, **embedding}, {**bespoke_metadata(good), "bespoke.new_tokens": "5"}, "must be a list of tokens"),
+        "lora metadata a list": (good.tensors, {LORA_METADATA_KEY: "[1, 2]"}, "must be a JSON object"),
+        "alpha_pattern a list": (good.tensors, {LORA_METADATA_KEY: json.dumps({"unet.lora_alpha": 4, "unet.alpha_pattern": [1]})}, "alpha_pattern must map"),
+    }
+    for name, (tensors, metadata, match) in cases.items():
+        with pytest.raises(InvalidAdapter, match=match):
+            read_adapter(_diffusers_file(tmp_path / f"{name}.safetensors", tensors, metadata), spec)
+
+
+def test_a_regular_expression_in_alpha_pattern_is_refused_without_being_matched(sd, tmp_path):
+    """peft matches alpha_pattern keys as regexes; from a file one can backtrack for hours ((.*.*)*zzz took >20 s)."""
+    import time
+
+    base, spec = sd
+    good = random_adapter(spec)
+    config = {"unet.lora_alpha": 4, "unet.alpha_pattern": {"(.*.*.*.*.*.*.*.*.*.*)*zzz": 2}}
+    path = _diffusers_file(tmp_path / "redos.safetensors", good.tensors, {LORA_METADATA_KEY: json.dumps(config)})
+    started = time.perf_counter()
+    with pytest.raises(InvalidAdapter, match="is not a module name"):
+        read_adapter(path, spec)
+    assert time.perf_counter() - started < 5
+
+
+def test_kohya_embeddings_of_different_sizes_are_refused(sd, tmp_path):
+    from safetensors.torch import load_file
+
+    base, spec = sd
+    raw = load_file(write_adapter(random_adapter(spec), tmp_path / "k.safetensors", "kohya"))
+    dim = spec.embedding_dims["text_encoder"]
+    raw.update({"bundle_emb.aa.string_to_param.*": torch.zeros(1, dim), "bundle_emb.bb.string_to_param.*": torch.zeros(2, dim)})
+    with pytest.raises(InvalidAdapter, match="differ in size"):
+        read_adapter(_diffusers_file(tmp_path / "k2.safetensors", raw, {}), spec)
 
 
 def test_size_limits(sd, tmp_path):
@@ -355,6 +438,9 @@ def test_tensor_refusals(sd):
         (LoraAdapter(**{**adapter.__dict__, "rank": 8}), "has shape"),
         (LoraAdapter(**{**adapter.__dict__, "alpha": float("nan")}), "alpha"),
         (LoraAdapter(**{**adapter.__dict__, "trigger": "a\0b"}), "control characters"),
+        (LoraAdapter(**{**adapter.__dict__, "trigger": "a\x9bb"}), "control characters"),  # C1: a terminal's CSI
+        (LoraAdapter(**{**adapter.__dict__, "class_word": "\u202egod"}), "control characters"),  # reads as "dog"
+        (LoraAdapter(**{**adapter.__dict__, "trigger": "a\u2028b"}), "control characters"),
         (LoraAdapter(**{**adapter.__dict__, "token_embeddings": {"text_encoder": torch.zeros(1, 32)}}), "names no new tokens"),
         (LoraAdapter(**{**adapter.__dict__, "new_tokens": ("<x>",), "token_embeddings": {"text_encoder": torch.zeros(1, 7)}}), "expected"),
     ]

@@ -20,6 +20,7 @@ from adapters.registry import (
     RegistryError,
     default_root,
 )
+from adapters.registry.errors import StorageError
 from adapters.registry.index import _SqliteTxn
 from adapters.registry.synthetic import random_adapter
 from adapters.validate import BaseMismatch, BaseSpec, InvalidAdapter, UnsafeFile, read_header
@@ -157,10 +158,48 @@ def test_put_needs_a_concept(reg, sd):
     ({"metrics": {"fid": float("inf")}}, "finite number"),
     ({"tags": ["a/b"]}, "tag name"),
     ({"parent_version": 0}, "positive integer"),
+    ({"parent_version": 2**63}, "below 2\\*\\*63"),  # beyond SQLite's integers
+    ({"metrics": {"steps": 10**400}}, "finite number"),  # beyond any float: math.isfinite overflows
+    ({"training_config": ["lr", 1]}, "must be a mapping"),
 ])
 def test_record_field_refusals(reg, sd, kwargs, match):
     with pytest.raises((InvalidRecord, InvalidName), match=match):
         reg.for_user("alice").put(random_adapter(sd[1]), sd[0], "rex", **kwargs)
+
+
+@pytest.mark.parametrize("version", [2**63, "99999999999999999999", "\u00b2", "\u2460"])
+def test_versions_beyond_sqlite_or_in_other_scripts_digits_are_simply_not_found(reg, sd, version):
+    """str.isdigit() takes "²" and "①", which int() refuses; SQLite refuses integers from 2**63."""
+    alice = reg.for_user("alice")
+    alice.put(random_adapter(sd[1]), sd[0], "rex")
+    for call in (lambda: alice.get("rex", version), lambda: alice.record("rex", version), lambda: alice.set_alias("rex", "prod", version)):
+        with pytest.raises(NotFound):
+            call()
+    with pytest.raises(NotFound):
+        alice.delete("rex", version)
+    assert [r.version for r in alice.history("rex")] == [1]
+
+
+def test_huge_finite_weights_are_not_called_damaged(reg, sd):
+    """A float32 sum of weights near 3e38 overflows to infinity: only NaN or infinity in the weights is damage."""
+    from dataclasses import replace
+
+    alice = reg.for_user("alice")
+    adapter = random_adapter(sd[1])
+    key = next(iter(adapter.tensors))
+    alice.put(replace(adapter, tensors={**adapter.tensors, key: torch.full_like(adapter.tensors[key], 3e38)}), sd[0], "big")
+    assert float(alice.get("big").tensors[key].min()) == pytest.approx(3e38)
+
+
+def test_an_index_from_a_newer_version_is_refused_not_written(tmp_path, sd):
+    import sqlite3
+
+    Registry(tmp_path / "reg").close()
+    with sqlite3.connect(tmp_path / "reg" / "index.sqlite") as conn:
+        conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    with pytest.raises(StorageError, match="schema v7, newer than this version reads"):
+        Registry(tmp_path / "reg")
 
 
 def test_parent_version_must_exist(reg, sd):

@@ -16,6 +16,7 @@ alias just moves it.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ from adapters.registry.errors import DamagedAdapter, NotFound, RegistryError, St
 from adapters.registry.index import Index, SqliteIndex
 from adapters.registry.maintenance import VerifyReport, verify
 from adapters.registry.names import validate_alias, validate_name
-from adapters.registry.records import AdapterRecord, RecordInfo
+from adapters.registry.records import MAX_VERSION, AdapterRecord, RecordInfo
 from adapters.validate import EMBEDDING_PREFIX, BaseSpec, Limits, check_text, lora_dtype, validate_adapter
 from gen.adapter import LoraAdapter
 from gen.paths import cache_dir
@@ -60,11 +61,13 @@ def _spec(base: Base | BaseSpec) -> BaseSpec:
 def _ref(version: VersionRef) -> VersionRef:
     if isinstance(version, bool) or not isinstance(version, (int, str)):
         raise NotFound(f"version must be a number, 'latest' or an alias, not {version!r}")
-    if isinstance(version, str) and version.isdigit():
+    if isinstance(version, str) and version.isascii() and version.isdigit():  # not "²": str.isdigit takes it, int() does not
         version = int(version)
     if isinstance(version, int):
         if version < 1:
             raise NotFound(f"version {version} does not exist; versions start at 1")
+        if version > MAX_VERSION:  # beyond SQLite's integers: no such version can exist
+            raise NotFound(f"version {version} does not exist")
         return version
     return version if version == "latest" else validate_name("alias", version)
 
@@ -328,11 +331,12 @@ class UserRegistry:
             tensors = load_file(self._registry.blobs.path(record.sha256))
         except (OSError, SafetensorError) as e:
             raise DamagedAdapter(f"cannot read the blob of {record.concept!r} v{record.version} ({e}); run `bespoke registry verify`") from e
-        # One summing pass (no temporaries): NaN and infinity survive a sum, and LoRA weights never overflow it.
-        # The sums are checked together: one check instead of one per tensor (~1 ms of a cold load).
+        # One summing pass (no temporaries): NaN and infinity survive a sum. The sums are checked together: one check
+        # instead of one per tensor (~1 ms of a cold load). A sum can also overflow on huge finite values, so a tensor
+        # whose sum is not finite is checked element by element before it is called damaged.
         sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors.values()]) if tensors else torch.zeros(0)
-        finite = torch.isfinite(sums)
-        bad = None if bool(finite.all()) else list(tensors)[int((~finite).nonzero()[0])]
+        suspects = [] if bool(torch.isfinite(sums).all()) else [k for k, s in zip(tensors, sums.tolist()) if not math.isfinite(s)]
+        bad = next((k for k in suspects if not bool(torch.isfinite(tensors[k]).all())), None)
         if bad is not None:  # validated finite when stored, so the blob changed since
             raise DamagedAdapter(f"the blob of {record.concept!r} v{record.version} holds NaN or infinite values ({bad}); it is damaged: run `bespoke registry verify`")
         embeddings = {k[len(EMBEDDING_PREFIX):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(EMBEDDING_PREFIX)]}

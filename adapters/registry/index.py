@@ -151,7 +151,7 @@ class _Queries:
     _conn: sqlite3.Connection
 
     def record(self, user: str, concept: str, ref: int | str) -> AdapterRecord | None:
-        if isinstance(ref, str) and ref.isdigit():
+        if isinstance(ref, str) and ref.isascii() and ref.isdigit():
             ref = int(ref)
         if isinstance(ref, int):
             sql, args = "WHERE v.user = ? AND v.concept = ? AND v.version = ?", (user, concept, ref)
@@ -262,6 +262,9 @@ class SqliteIndex(_Queries):
             self._conn.execute("PRAGMA synchronous = FULL")
             self._conn.execute("PRAGMA foreign_keys = ON")
             schema_version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if schema_version > SCHEMA_VERSION:  # written by a newer bespoke: its rows may mean what this one cannot read
+            self._conn.close()
+            raise StorageError(f"registry index {self._path} has schema v{schema_version}, newer than this version reads (v{SCHEMA_VERSION}); upgrade bespoke-diffusion")
         if schema_version < SCHEMA_VERSION:
             with self.write():  # IF NOT EXISTS: a second process creating it at the same time is harmless
                 for statement in _SCHEMA.split(";"):

@@ -48,7 +48,7 @@ def validate_name(kind: str, name: object) -> str:
 def validate_alias(alias: object) -> str:
     """An alias is a name that cannot be mistaken for a version number or for ``latest``."""
     alias = validate_name("alias", alias)
-    if alias.isdigit():
+    if alias.isascii() and alias.isdigit():
         raise InvalidName(f"alias {alias!r} is a number and would be read as a version; choose a name")
     if alias in RESERVED_ALIASES:
         raise InvalidName(f"alias {alias!r} is maintained by the registry and cannot be set")

@@ -20,6 +20,8 @@ from typing import Any
 from adapters.registry.errors import InvalidRecord
 from adapters.registry.names import validate_name
 
+MAX_VERSION = 2**63 - 1  # SQLite's largest integer: no version number can be above it
+
 MAX_JSON_BYTES = 256 << 10  # per field: training config, metrics, data fingerprints
 MAX_TAGS = 32
 _FINGERPRINT = re.compile(r"[0-9a-f]{16,128}")
@@ -84,11 +86,13 @@ class RecordInfo:
         set_(self, "data_fingerprints", _fingerprints(self.data_fingerprints))
         set_(self, "metrics", _metrics(self.metrics))
         set_(self, "tags", _tags(self.tags))
-        if self.parent_version is not None and (isinstance(self.parent_version, bool) or not isinstance(self.parent_version, int) or self.parent_version < 1):
-            raise InvalidRecord(f"parent version {self.parent_version!r} is not a positive integer")
+        if self.parent_version is not None and (isinstance(self.parent_version, bool) or not isinstance(self.parent_version, int) or not 1 <= self.parent_version <= MAX_VERSION):
+            raise InvalidRecord(f"parent version {self.parent_version!r} is not a positive integer (below 2**63)")
 
 
 def _json_object(what: str, value: Mapping[str, Any] | None) -> dict[str, Any]:
+    if value is not None and not isinstance(value, Mapping):
+        raise InvalidRecord(f"{what} must be a mapping of names to values, not {type(value).__name__}")
     value = dict(value or {})
     try:
         text = json.dumps(value, allow_nan=False, sort_keys=True)
@@ -117,10 +121,17 @@ def _metrics(values: Mapping[str, float] | None) -> dict[str, float]:
     for name, value in dict(values or {}).items():
         if not isinstance(name, str) or not name or len(name) > 128:
             raise InvalidRecord(f"metric name {name!r} must be text of 1-128 characters")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
             raise InvalidRecord(f"metric {name!r} = {value!r} is not a finite number")
         out[name] = float(value)
     return _json_object("metrics", out)
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def _tags(values: Sequence[str] | None) -> tuple[str, ...]:
