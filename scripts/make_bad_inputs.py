@@ -295,6 +295,16 @@ def _overlapping(spec) -> bytes:
     return _header_file(header, bytes(8))
 
 
+def _scalar_a(tensors: dict) -> None:
+    tensors[_first(tensors, "lora_A.weight")] = __import__("torch").tensor(1.0)
+
+
+def _deep_json(depth: int = 100_000) -> bytes:
+    """A header nested deeper than Python's JSON parser recurses."""
+    raw = b"[" * depth + b"]" * depth
+    return struct.pack("<Q", len(raw)) + raw
+
+
 def _truncated(spec) -> bytes:
     data = _lora_file(spec)
     return data[: len(data) - 100]
@@ -345,6 +355,29 @@ def _adapter_cases(marker: Path) -> dict[str, tuple[str, str, str, Callable[[obj
         "huge_trigger.safetensors": (
             "a 10 kB trigger phrase in the header", "refused", r"trigger must be non-empty text of at most 200",
             lambda s: _lora_file(s, metadata={"bespoke.trigger": json.dumps("sks " * 2500)}),
+        ),
+        "regex_alpha_pattern.safetensors": (
+            "an alpha_pattern key that is a backtracking regex, (.*.*.*.*.*.*.*.*.*.*)*zzz (peft would match it for minutes)", "refused",
+            r"is not a module name; regular expressions are not accepted from files",
+            lambda s: _lora_file(s, metadata={"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 4, "unet.alpha_pattern": {"(.*.*.*.*.*.*.*.*.*.*)*zzz": 2}})}),
+        ),
+        "deep_json_header.safetensors": ("a header of 100,000 nested JSON lists (deeper than Python recurses)", "refused", r"header is not valid JSON", lambda s: _deep_json()),
+        "dtype_list.safetensors": (
+            "a tensor whose dtype is a JSON list", "refused", r"has dtype \['F32'\]",
+            lambda s: _header_file({"unet.x.lora_A.weight": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),
+        ),
+        "scalar_lora.safetensors": ("a 0-dimensional lora_A", "refused", r"a LoRA weight has at least 2 dimensions", lambda s: _lora_file(s, _scalar_a)),
+        "metadata_list.safetensors": (
+            "lora_adapter_metadata that is a JSON list, not an object", "refused", r"'lora_adapter_metadata' must be a JSON object",
+            lambda s: _lora_file(s, metadata={"lora_adapter_metadata": "[1, 2]"}),
+        ),
+        "targets_not_text.safetensors": (
+            "bespoke.target_modules holding an object and a number", "refused", r"'bespoke.target_modules' must be a list of module names",
+            lambda s: _lora_file(s, metadata={"bespoke.target_modules": json.dumps([{"a": 1}, 3])}),
+        ),
+        "bidi_trigger.safetensors": (
+            "a trigger with a right-to-left override (U+202E)", "refused", r"trigger .* contains control characters",
+            lambda s: _lora_file(s, metadata={"bespoke.trigger": json.dumps("\u202eskc")}),
         ),
         "good.safetensors": ("a valid diffusers-layout adapter (control)", "accepted", "imported as a new version", lambda s: _lora_file(s)),
     }

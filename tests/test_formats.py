@@ -342,8 +342,6 @@ def test_malformed_headers_are_refused(tmp_path):
         "bad json": (b"{not json", None),
         "metadata": (json.dumps({"__metadata__": {"a": 1}}).encode(), "strings"),
         "offsets": (json.dumps({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode(), "needs 8"),
-        "dtype list": (json.dumps({"t": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}).encode(), "has dtype"),
-        "nesting": (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),  # deeper than Python's recursion limit
     }
     for name, (raw, match) in cases.items():
         path = tmp_path / f"{name}.safetensors"
@@ -357,41 +355,6 @@ def _diffusers_file(path: Path, tensors: dict, metadata: dict) -> Path:
 
     path.write_bytes(_safetensors_bytes(tensors, metadata))
     return path
-
-
-def test_malformed_header_fields_are_refused_with_the_field_named(sd, tmp_path):
-    """Every value read from a file is checked for its type before use: a clear refusal, never a TypeError."""
-    from adapters.formats import bespoke_metadata
-
-    base, spec = sd
-    good = random_adapter(spec)
-    key_a = next(k for k in good.tensors if k.endswith("lora_A.weight"))
-    embedding = {"token_embeddings.text_encoder": torch.zeros(1, spec.embedding_dims["text_encoder"])}
-    cases = {
-        "0-dim A": ({**good.tensors, key_a: torch.tensor(1.0)}, {}, "at least 2 dimensions"),
-        "targets a number": (good.tensors, {**bespoke_metadata(good), "bespoke.target_modules": "5"}, "bespoke.target_modules' must be a list"),
-        "targets not text": (good.tensors, {**bespoke_metadata(good), "bespoke.target_modules": '[{"a": 1}, 3]'}, "must be a list of module names"),
-        "tokens a number": ({**good.tensors, **embedding}, {**bespoke_metadata(good), "bespoke.new_tokens": "5"}, "must be a list of tokens"),
-        "lora metadata a list": (good.tensors, {LORA_METADATA_KEY: "[1, 2]"}, "must be a JSON object"),
-        "alpha_pattern a list": (good.tensors, {LORA_METADATA_KEY: json.dumps({"unet.lora_alpha": 4, "unet.alpha_pattern": [1]})}, "alpha_pattern must map"),
-    }
-    for name, (tensors, metadata, match) in cases.items():
-        with pytest.raises(InvalidAdapter, match=match):
-            read_adapter(_diffusers_file(tmp_path / f"{name}.safetensors", tensors, metadata), spec)
-
-
-def test_a_regular_expression_in_alpha_pattern_is_refused_without_being_matched(sd, tmp_path):
-    """peft matches alpha_pattern keys as regexes; from a file one can backtrack for hours ((.*.*)*zzz took >20 s)."""
-    import time
-
-    base, spec = sd
-    good = random_adapter(spec)
-    config = {"unet.lora_alpha": 4, "unet.alpha_pattern": {"(.*.*.*.*.*.*.*.*.*.*)*zzz": 2}}
-    path = _diffusers_file(tmp_path / "redos.safetensors", good.tensors, {LORA_METADATA_KEY: json.dumps(config)})
-    started = time.perf_counter()
-    with pytest.raises(InvalidAdapter, match="is not a module name"):
-        read_adapter(path, spec)
-    assert time.perf_counter() - started < 5
 
 
 def test_kohya_embeddings_of_different_sizes_are_refused(sd, tmp_path):
