@@ -413,11 +413,11 @@ def _read_kohya(path: Path, spec: BaseSpec, limits: Limits):
     bundles: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in raw.items():
         name, _, rest = key.partition(".")
-        if name == "bundle_emb":
-            token, _, part = rest.partition(".")
-            if part not in KOHYA_EMBED_KEYS:
+        if name == "bundle_emb":  # bundle_emb.<token>.<part>, where a token may hold dots and a part may too
+            part = next((p for p in KOHYA_EMBED_KEYS if rest.endswith("." + p) and len(rest) > len(p) + 1), None)
+            if part is None:
                 raise InvalidAdapter(f"{path.name}: unsupported embedding key {key!r}")
-            bundles.setdefault(KOHYA_EMBED_KEYS[part], {})[token] = tensor
+            bundles.setdefault(KOHYA_EMBED_KEYS[part], {})[rest[: -len(part) - 1]] = tensor
             continue
         module = table.get(name)
         if module is None:

@@ -190,7 +190,7 @@ def test_kohya_per_module_alphas_are_folded_into_one_alpha(sd, tmp_path):
 def test_text_encoder_lora_and_token_embeddings_round_trip(sd, tmp_path, fmt):
     base, spec = sd
     adapter = random_adapter(spec, targets=("to_q", "q_proj"), components=("unet", "text_encoder"))
-    adapter.new_tokens = ("<rex>", "<rex2>")
+    adapter.new_tokens = ("<rex>", "<r.x2>")  # a dot, as in kohya's bundle_emb.<token>.string_to_param.*
     adapter.token_embeddings = {"text_encoder": torch.randn(2, spec.embedding_dims["text_encoder"])}
     adapter.trigger, adapter.class_word = "<rex> dog", "dog"
     back, _ = read_adapter(write_adapter(adapter, tmp_path / ("a.safetensors" if fmt == "kohya" else "a"), fmt), spec)
