@@ -60,6 +60,7 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+PEFT_DEFAULT_ALPHA = 8  # peft's LoraConfig.lora_alpha default
 EMBEDDINGS_NAME = "token_embeddings.safetensors"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 BESPOKE_PREFIX = "bespoke."
@@ -375,7 +376,7 @@ def _read_peft(folder: Path, spec: BaseSpec, limits: Limits):
         sub = folder if component == "unet" else folder / component
         if not (sub / PEFT_CONFIG_NAME).is_file():
             continue
-        config = _read_json_file(sub / PEFT_CONFIG_NAME)
+        config = {"lora_alpha": PEFT_DEFAULT_ALPHA, **_read_json_file(sub / PEFT_CONFIG_NAME)}  # what peft reads a config without it as
         _check_peft_config(config, sub)
         weights = sub / PEFT_WEIGHT_NAME
         if not weights.is_file():

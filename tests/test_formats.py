@@ -138,6 +138,19 @@ def test_peft_export_loads_with_peft(sd, tmp_path):
     torch.testing.assert_close(unet_output(model.base_model.model), unet_output(apply_lora_reference(base.pipe.unet, adapter)), rtol=1e-4, atol=1e-5)
 
 
+def test_peft_config_without_lora_alpha_reads_as_peft_reads_it(sd, tmp_path):
+    """peft's LoraConfig defaults lora_alpha to 8, not to the rank: a config that leaves it out means 8."""
+    base, spec = sd
+    write_adapter(peft_adapter(base, rank=4, alpha=2.0), tmp_path, "peft")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    back, _ = read_adapter(tmp_path, spec)
+    assert back.alpha == 8.0
+    model = PeftModel.from_pretrained(copy.deepcopy(base.pipe.unet), tmp_path)
+    torch.testing.assert_close(unet_output(model.base_model.model), unet_output(apply_lora_reference(base.pipe.unet, back)), rtol=1e-4, atol=1e-5)
+
+
 def test_peft_folder_saved_by_peft_imports_with_rslora_and_alpha_pattern(sd, tmp_path):
     """A real peft folder with per-module alpha and rsLoRA scaling: the imported deltas equal peft's own merge."""
     base, spec = sd
