@@ -12,13 +12,15 @@ per batch: an adapter keeps its rows while it stays recent (LRU), so a hot adapt
 written once. Between preparing a request and running its batch, a prompt refers to its new
 tokens by *local* placeholders numbered from 0 within that request; :meth:`TokenPool.render`
 maps them to the rows lent for the batch. Users cannot type a placeholder (it reads as a mention
-and is refused), so no request can reach another user's embedding row.
+and is refused), nor build one from text and mentions (:func:`refuse_spliced_placeholders`), so
+no request can reach another user's embedding row.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,8 +33,11 @@ from gen.errors import InvalidRequest
 MAX_WEIGHT = 2.0
 PLACEHOLDER = "<bespoke-token-{}>"
 _PLACEHOLDER_RE = re.compile(r"<bespoke-token-(\d+)>", re.IGNORECASE)  # the tokenizer lowercases
-# A name as the registry allows it (letters, digits, _ first; then also . @ + -), then ":weight".
-_MENTION_RE = re.compile(r"<(?P<name>\w[\w.@+\-]*)(?::(?P<weight>[^<>\s]*))?>")
+# "<name>" or "<name:weight>". The pattern only finds candidates: Python's ``re`` has no class for
+# combining marks (``\w`` misses them, so "नमस्ते" would not match), so :func:`_mention_name` checks the
+# name against the registry's rules (adapters.registry.names, replicated here: gen never imports adapters).
+_MENTION_RE = re.compile(r"<(?P<name>\w[^\s<>:]*)(?::(?P<weight>[^<>\s]*))?>")
+_NAME_PUNCTUATION = frozenset("_-.@+")
 _TEXT_ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
 
@@ -58,11 +63,28 @@ def parse_weight(text: str, where: str) -> float:
     return weight
 
 
+def _mention_name(match: re.Match) -> str | None:
+    """The NFC name of a candidate mention if the registry would accept it, else None (literal text).
+
+    Registry names: letters, digits and combining marks of any script plus ``_ - . @ +``,
+    starting with a letter, digit or ``_``; NFC, as the registry stores them.
+    """
+    name = unicodedata.normalize("NFC", match["name"])
+    first_ok = unicodedata.category(name[0])[0] in "LN" or name[0] == "_"
+    rest_ok = all(unicodedata.category(c)[0] in "LNM" or c in _NAME_PUNCTUATION for c in name[1:])
+    return name if first_ok and rest_ok else None
+
+
+def _find_mentions(prompt: str) -> list[tuple[re.Match, str]]:
+    """Every mention in ``prompt`` with its NFC name; candidates whose name is no concept name stay text."""
+    return [(m, name) for m in _MENTION_RE.finditer(prompt) if (name := _mention_name(m)) is not None]
+
+
 def parse_mentions(prompt: str) -> list[Mention]:
     """The distinct concepts a prompt mentions, in order; one concept may not carry two weights."""
     found: dict[str, Mention] = {}
-    for match in _MENTION_RE.finditer(prompt):
-        name, weight = match["name"], match["weight"]
+    for match, name in _find_mentions(prompt):
+        weight = match["weight"]
         if name.lower().startswith("bespoke-token-"):
             raise InvalidRequest(f"{match[0]} is a reserved token and cannot be used in a prompt")
         mention = Mention(name, 1.0 if weight is None else parse_weight(weight, match[0]))
@@ -74,7 +96,7 @@ def parse_mentions(prompt: str) -> list[Mention]:
 def parse_style(spec: str) -> Mention:
     """A style named by parameter: ``"watercolor"`` or ``"watercolor:0.6"``."""
     match = _MENTION_RE.fullmatch(f"<{spec.strip()}>") if isinstance(spec, str) else None
-    if match is None:
+    if match is None or _mention_name(match) is None:
         raise InvalidRequest(f"style {spec!r} is not a concept name, optionally with :weight")
     return parse_mentions(match[0])[0]
 
@@ -109,7 +131,24 @@ def concept_text(adapter: LoraAdapter, name: str, first_placeholder: int) -> str
 
 def substitute(prompt: str, texts: Mapping[str, str]) -> str:
     """Replace every ``<name>`` / ``<name:w>`` mention with ``texts[name]``; other names stay as written."""
-    return _MENTION_RE.sub(lambda m: texts.get(m["name"], m[0]), prompt)
+    def text(match: re.Match) -> str:
+        name = _mention_name(match)
+        return match[0] if name is None else texts.get(name, match[0])
+
+    return _MENTION_RE.sub(text, prompt)
+
+
+def refuse_spliced_placeholders(prompt: str, texts: Mapping[str, str], suffix: str = "") -> None:
+    """Refuse a prompt whose expansion would contain a placeholder that no concept text put there.
+
+    The prompt and each text are free of placeholders, but joined they can make one: a concept
+    ``0`` without trigger reads "0", so ``<bespoke-token-<0>>`` expands to ``<bespoke-token-0>``,
+    a row lent to another request. So the whole expansion is checked, with the texts' own
+    placeholders blanked (a placeholder is whole: it cannot be part of a forged one).
+    """
+    blanked = {name: _PLACEHOLDER_RE.sub(" ", text) for name, text in texts.items()}
+    if match := _PLACEHOLDER_RE.search(substitute(prompt, blanked) + _PLACEHOLDER_RE.sub(" ", suffix)):
+        raise InvalidRequest(f"the prompt's mentions expand to {match[0]}, a reserved token that cannot be used in a prompt")
 
 
 class TokenPool:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import numbers
 import re
 import secrets
 import threading
@@ -37,7 +39,7 @@ from PIL import Image
 
 from gen.adapter import AdapterSource
 from gen.base import Base
-from gen.concepts import refuse_placeholders
+from gen.concepts import parse_mentions, parse_style, refuse_placeholders
 from gen.cuda_graph import GraphedUNet
 from gen.errors import InvalidRequest
 from gen.provenance import Provenance
@@ -55,6 +57,7 @@ MAX_IMAGES = 64
 MAX_STEPS = 1000
 MAX_SIDE = 4096
 MAX_PROMPT_CHARS = 2000  # text encoders read ~77 tokens (~300 characters); far longer text is refused, not fitted
+SEED_LIMIT = 2**63  # image seeds are 0 <= seed + i < 2**63: what torch.Generator.manual_seed takes without wrapping or overflow
 
 ProgressFn = Callable[[int, int], None]
 
@@ -241,27 +244,46 @@ class Sampler:
         r = replace(
             request,
             steps=defaults.steps if request.steps is None else request.steps,
-            guidance_scale=defaults.guidance_scale if request.guidance_scale is None else float(request.guidance_scale),
+            guidance_scale=defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
             scheduler=request.scheduler or defaults.scheduler,
             height=self.base.default_size if request.height is None else request.height,
             width=self.base.default_size if request.width is None else request.width,
         )
-        self._validate(r.prompt, r.num_images, r.steps, r.guidance_scale, r.height, r.width, r.negative_prompt)
+        self._validate(r.prompt, r.num_images, r.steps, r.guidance_scale, r.height, r.width, r.negative_prompt, r.seed)
+        r = replace(r, guidance_scale=float(r.guidance_scale))
         make_scheduler(r.scheduler, self.base.pipe.scheduler.config)  # refuse an unknown name before queueing
         tokenizer = self._fit_tokenizer
         if self.serving is not None:
             refuse_placeholders(r.negative_prompt)
-            resolved = self.serving.resolve(r.user, r.prompt, r.style, r.versions)
+            prompt, resolved = self._fit_and_resolve(r)
         elif r.style is not None:
             raise InvalidRequest("a style needs a sampler with an adapter source")
         elif r.versions:
             raise InvalidRequest("pinned versions need a sampler with an adapter source")
         else:
-            resolved = NO_ADAPTERS
-        prompt = fit_prompt(tokenizer, r.prompt, resolved.expand)
+            prompt, resolved = fit_prompt(tokenizer, r.prompt), NO_ADAPTERS
         negative = fit_prompt(tokenizer, r.negative_prompt) if r.negative_prompt else None
+        for name, fitted in (("prompt", prompt), ("negative prompt", negative)):
+            if fitted == "":  # one over-long first word: nothing the text encoder reads is left
+                raise InvalidRequest(f"the {name}'s first word is longer than the text encoder reads; nothing of the {name} is left")
         r = replace(r, prompt=prompt, negative_prompt=negative)
         return _Job(r, resolved.expand(prompt), image_seeds(r.seed, r.num_images), resolved)
+
+    def _fit_and_resolve(self, r: Request) -> tuple[str, Resolved]:
+        """The prompt fitted to the text encoder, and the adapters of the mentions that are left.
+
+        Tokens are counted on the text the mentions become, so the adapters are resolved once to
+        fit; mentions the cut drops take their adapters (and pins) with them, so the recorded
+        prompt names exactly the adapters applied and replays to the same image.
+        """
+        resolved = self.serving.resolve(r.user, r.prompt, r.style, r.versions)
+        prompt = fit_prompt(self._fit_tokenizer, r.prompt, resolved.expand)
+        kept = parse_mentions(prompt)
+        if kept == parse_mentions(r.prompt):
+            return prompt, resolved
+        named = {m.name for m in kept} | ({parse_style(r.style).name} if r.style is not None else set())
+        pins = {name: v for name, v in (r.versions or {}).items() if name in named}
+        return prompt, self.serving.resolve(r.user, prompt, r.style, pins)
 
     def _next_batch(self) -> list[_Job]:
         """The oldest waiting job and every later compatible one that fits the batch limits."""
@@ -284,16 +306,17 @@ class Sampler:
         """One pipeline call for ``jobs``; each job gets its images or the error."""
         try:
             images = self._denoise(jobs)
-        except BaseException as e:  # the batch failed: every job in it reports the error
+        except BaseException as e:  # the batch failed: every job in it reports the error (or its own)
             for job in jobs:
-                job.error, job.done = e, True
+                job.error, job.done = job.error or e, True
             if not isinstance(e, Exception):
                 raise
             return
         start = 0
         for job in jobs:
             n = job.request.num_images
-            job.result = Generation(images=images[start : start + n], provenance=self._provenance(job))
+            if job.error is None:  # else its progress callback failed: the caller gets that error
+                job.result = Generation(images=images[start : start + n], provenance=self._provenance(job))
             job.done = True
             start += n
 
@@ -334,8 +357,11 @@ class Sampler:
 
         def on_step_end(_pipe, i, _t, kwargs):
             for job in jobs:
-                if job.request.progress is not None:
-                    job.request.progress(i + 1, first.steps)
+                if job.request.progress is not None and job.error is None:
+                    try:
+                        job.request.progress(i + 1, first.steps)
+                    except Exception as e:  # fails its own request only (a client gone away); the batch runs on
+                        job.error = e
             return kwargs
 
         pipe.scheduler = make_scheduler(first.scheduler, pipe.scheduler.config)
@@ -354,22 +380,29 @@ class Sampler:
             )
         return list(out.images)
 
-    def _validate(self, prompt, num_images, steps, guidance_scale, height, width, negative_prompt=None) -> None:
+    def _validate(self, prompt, num_images, steps, guidance_scale, height, width, negative_prompt=None, seed=None) -> None:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidRequest("the prompt is empty")
         for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
             if text is not None and (not isinstance(text, str) or len(text) > MAX_PROMPT_CHARS):
                 size = f"{len(text)} characters" if isinstance(text, str) else f"a {type(text).__name__}, not text"
                 raise InvalidRequest(f"the {name} is {size}; the limit is {MAX_PROMPT_CHARS} (the text encoder reads about 300)")
-        if not 1 <= num_images <= MAX_IMAGES:
-            raise InvalidRequest(f"num_images must be between 1 and {MAX_IMAGES}, got {num_images}")
-        if not 1 <= steps <= MAX_STEPS:
-            raise InvalidRequest(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
-        if not guidance_scale >= 0:
-            raise InvalidRequest(f"guidance_scale must be >= 0, got {guidance_scale}")
+        _check_int("num_images", num_images, 1, MAX_IMAGES)
+        _check_int("steps", steps, 1, MAX_STEPS)
+        if seed is not None:  # every image's seed (seed + i) must be one the generator takes as it is
+            _check_int("seed", seed, 0, SEED_LIMIT - num_images)
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not 0 <= guidance_scale < math.inf:
+            raise InvalidRequest(f"guidance_scale must be >= 0 and finite, got {guidance_scale!r}")
         f = self.base.vae_scale_factor
         for name, side in (("height", height), ("width", width)):
-            if not f <= side <= MAX_SIDE:
-                raise InvalidRequest(f"{name} must be between {f} and {MAX_SIDE}, got {side}")
+            _check_int(name, side, f, MAX_SIDE)
             if side % f:
                 raise InvalidRequest(f"{name} {side} is not a multiple of the VAE factor {f}")
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+    """Refuse a setting that is not a whole number in [lo, hi] (a bool or float is not one: casting would hide the mistake)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidRequest(f"{name} must be a whole number between {lo} and {hi}, got {type(value).__name__} {value!r}")
+    if not lo <= value <= hi:
+        raise InvalidRequest(f"{name} must be between {lo} and {hi}, got {value}")

@@ -31,7 +31,7 @@ import torch
 from gen.adapter import AdapterSource, LoraAdapter
 from gen.adapter_cache import AdapterCache, CacheStats
 from gen.base import Base
-from gen.concepts import TokenPool, check_known, concept_text, parse_mentions, parse_style, substitute
+from gen.concepts import TokenPool, check_known, concept_text, parse_mentions, parse_style, refuse_spliced_placeholders, substitute
 from gen.errors import InvalidRequest
 from gen.lora_runtime import AdapterDoesNotFit, AdapterSet, LoraRuntime, PackedAdapter, RuntimeConfig, set_key
 
@@ -84,8 +84,9 @@ class Resolved:
         return tuple((a.key, a.packed, weight) for a, weight, _ in self.adapters)
 
     def provenance(self) -> tuple[dict, ...]:
+        """Each adapter as served: its key (what was asked for), not what the adapter says about itself."""
         return tuple(
-            {"user": a.info.user, "concept": a.info.concept, "version": a.info.version, "weight": weight, "kind": kind}
+            {"user": a.key[0], "concept": a.key[1], "version": a.key[2], "weight": weight, "kind": kind}
             for a, weight, kind in self.adapters
         )
 
@@ -137,6 +138,7 @@ class AdapterServing:
             texts[mention.name] = concept_text(served.info, mention.name, len(owners))
             owners += [(served.key, j) for j in range(len(served.info.new_tokens))]
         suffix = f", {texts[named[-1].name]}" if style is not None and adapters[-1][0].info.trigger else ""
+        refuse_spliced_placeholders(prompt, texts, suffix)
         resolved = Resolved(tuple(adapters), texts, suffix, tuple(owners))
         if not self.fits([resolved]):
             raise InvalidRequest(f"this request composes more than the sampler's limits allow ({self._limits()})")
@@ -148,31 +150,41 @@ class AdapterServing:
     def _load(self, user: str, concept: str, version: int | None = None) -> ServedAdapter:
         """The served adapter for ``version`` (default ``latest``) of (user, concept), through the cache."""
         if version is not None:
-            return self.cache.get((user, concept, version), lambda: self._serve(self.source.get(user, concept, version), user))
+            key = (user, concept, version)
+            return self.cache.get(key, lambda: self._serve(self.source.get(user, concept, version), key))
         now = time.monotonic()
         with self._latest_lock:
             known = self._latest.get((user, concept))
         if known is not None and known[1] > now:
-            version = known[0]
-            ref = "latest" if version is None else version
-            return self.cache.get((user, concept, version), lambda: self._serve(self.source.get(user, concept, ref), user))
+            key = (user, concept, known[0])
+            ref = "latest" if known[0] is None else known[0]
+            return self.cache.get(key, lambda: self._serve(self.source.get(user, concept, ref), key))
         adapter = self.source.get(user, concept, "latest")
         with self._latest_lock:
             self._latest[(user, concept)] = (adapter.version, now + self.config.latest_ttl_s)
             self._latest.move_to_end((user, concept))
             if len(self._latest) > MAX_LATEST_ENTRIES:
                 self._latest.popitem(last=False)
-        return self.cache.get((user, concept, adapter.version), lambda: self._serve(adapter, user))
+        key = (user, concept, adapter.version)
+        return self.cache.get(key, lambda: self._serve(adapter, key))
 
-    def _serve(self, adapter: LoraAdapter, user: str) -> ServedAdapter:
-        what = f"{adapter.user}/{adapter.concept} v{adapter.version}"
+    def _serve(self, adapter: LoraAdapter, key: AdapterKey) -> ServedAdapter:
+        """``adapter`` packed, keyed by the cache's ``key`` (requested user, concept, resolved version).
+
+        The key, not the adapter's own identity fields, names it in the LoRA slots, the token pool
+        and provenance: a source may leave those fields empty, and equal (empty) identities would
+        merge different users' adapters in one batch.
+        """
+        user, concept, version = key
+        what = f"{user}/{concept} v{version}"
         if adapter.user is not None and unicodedata.normalize("NFC", adapter.user) != unicodedata.normalize("NFC", user):
             # The source is trusted to scope by user; this keeps a faulty one from crossing users anyway.
-            raise InvalidRequest(f"the adapter source returned {what} for user {user!r}; another user's adapter is never served")
+            theirs = f"{adapter.user}/{adapter.concept} v{adapter.version}"
+            raise InvalidRequest(f"the adapter source returned {theirs} for user {user!r}; another user's adapter is never served")
         if adapter.base_fingerprint not in self.fingerprints:
             raise AdapterDoesNotFit(f"{what} was trained on base {adapter.base_fingerprint}; this sampler serves base {self.fingerprints.adapted}")
         packed = self.runtime.pack(adapter, what, self._pack_device)
-        return ServedAdapter((adapter.user, adapter.concept, adapter.version), replace(adapter, tensors={}), packed)
+        return ServedAdapter(key, replace(adapter, tensors={}), packed)
 
     # --- under the run lock ---
 

@@ -10,6 +10,7 @@ from gen.concepts import (
     parse_mentions,
     parse_style,
     refuse_placeholders,
+    refuse_spliced_placeholders,
     substitute,
 )
 from gen.errors import InvalidRequest
@@ -72,6 +73,32 @@ def test_concept_text_uses_trigger_class_word_and_local_placeholders():
         concept_text(adapter("<bespoke-token-0>"), "sneaky", 0)
     with pytest.raises(InvalidRequest, match="reserved token"):
         refuse_placeholders("blurry, <BESPOKE-TOKEN-2>")
+
+
+def test_names_with_combining_marks_are_mentioned_in_nfc():
+    """The registry accepts letters, digits and combining marks of any script; so must the mention grammar."""
+    assert [(m.name, m.weight) for m in parse_mentions("a photo of <नमस्ते:0.5> and <ki\u0301m>")] == [("नमस्ते", 0.5), ("k\u00edm", 1.0)]
+    assert parse_style("नमस्ते").name == "नमस्ते"
+    assert substitute("<ki\u0301m> and <नमस्ते>", {"k\u00edm": "sks dog", "नमस्ते": "zwx cat"}) == "sks dog and zwx cat"
+    assert parse_mentions("<a,b> <\u0301x> <a b>") == []  # not names: left as text, as before
+
+
+@pytest.mark.parametrize(
+    "prompt, texts",
+    [
+        ("a <bespoke-token-<0>> photo", {"0": "0"}),  # a concept without trigger reads as its name
+        ("<bespoke-token-<a><b>>", {"a": "1", "b": "2"}),  # digits from two mentions
+        ("<bespo\u212ae-token-<a>", {"a": "3>"}),  # Kelvin sign: the tokenizer lowercases it to k
+    ],
+)
+def test_placeholders_spliced_from_prompt_and_concept_texts_are_refused(prompt, texts):
+    with pytest.raises(InvalidRequest, match="expand to .*, a reserved token"):
+        refuse_spliced_placeholders(prompt, texts)
+
+
+def test_a_concepts_own_placeholders_are_not_refused():
+    texts = {"bot": "<bespoke-token-0> robot", "pal": "<bespoke-token-1>"}
+    refuse_spliced_placeholders("<bespoke-token-<bot> and <pal>5>", texts, suffix=", <bespoke-token-2> style")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 from gen.base import load_base
 from gen.errors import InvalidRequest
 from gen.provenance import read_provenance, save_png
-from gen.sampler import SCHEDULERS, PromptTruncatedWarning, Sampler
+from gen.sampler import SCHEDULERS, PromptTruncatedWarning, Request, Sampler
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +74,51 @@ def test_overlong_prompt_is_truncated_with_the_dropped_words_named(sampler):
         (dict(steps=0), "steps must be between"),
         (dict(guidance_scale=-1), "guidance_scale must be >= 0"),
         (dict(scheduler="magic"), "unknown scheduler 'magic'"),
+        (dict(guidance_scale=float("inf")), "guidance_scale must be >= 0 and finite, got inf"),  # was a black image
+        (dict(guidance_scale=float("nan")), "guidance_scale must be >= 0 and finite"),
+        (dict(num_images=2.5), "num_images must be a whole number between 1 and 64, got float 2.5"),
+        (dict(steps="3"), "steps must be a whole number between 1 and 1000, got str '3'"),
+        (dict(seed=-1), "seed must be between 0 and"),
+        (dict(seed=1.7), "seed must be a whole number .*, got float 1.7"),
+        (dict(seed=True), "seed must be a whole number .*, got bool True"),
+        (dict(seed=2**64), f"seed must be between 0 and {2**63 - 1}, got {2**64}"),
+        (dict(seed=2**63 - 1, num_images=2), f"seed must be between 0 and {2**63 - 2}"),  # image 2's seed would overflow
     ],
 )
 def test_invalid_requests_name_the_problem(sampler, kwargs, message):
     with pytest.raises(InvalidRequest, match=message):
         sampler.generate("a mug", **{"steps": 1, **kwargs})
+
+
+def test_a_bad_seed_fails_alone_and_the_largest_seed_works(sampler):
+    out = sampler.generate_many([Request("a dog", seed=1, steps=1), Request("a cat", seed=2**64, steps=1)], return_exceptions=True)
+    assert len(out[0].images) == 1 and isinstance(out[1], InvalidRequest)
+    assert sampler.generate("a dog", seed=2**63 - 1, steps=1).provenance[0].seed == 2**63 - 1
+
+
+def test_prompt_that_fits_to_nothing_is_refused(sampler):
+    with pytest.warns(PromptTruncatedWarning), pytest.raises(InvalidRequest, match="prompt's first word is longer than the text encoder reads"):
+        sampler.generate("q" * 400 + " dog", steps=1, seed=0)
+
+
+def test_a_raising_progress_callback_fails_only_its_own_request(sampler):
+    def cancel(i, n):
+        raise RuntimeError("client went away")
+
+    requests = [Request("a dog", seed=1, steps=2), Request("a cat", seed=2, steps=2, progress=cancel)]
+    batches = []
+    run_batch = sampler._run_batch
+    sampler._run_batch = lambda jobs: batches.append(len(jobs)) or run_batch(jobs)
+    try:
+        out = sampler.generate_many(requests, return_exceptions=True)
+    finally:
+        del sampler._run_batch
+    assert batches == [2]  # they did share the pipeline call
+    assert len(out[0].images) == 1 and isinstance(out[1], RuntimeError) and str(out[1]) == "client went away"
+    alone = sampler.generate("a dog", seed=1, steps=2)
+    assert np.abs(_pixels(out[0].images[0]) - _pixels(alone.images[0])).max() <= 1
+    with pytest.raises(RuntimeError, match="client went away"):
+        sampler.generate_many(requests)
 
 
 def test_png_without_provenance_is_reported(tmp_path):

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from gen.base import load_base
 from gen.concepts import UnknownConcept
 from gen.errors import InvalidRequest
 from gen.lora_runtime import AdapterDoesNotFit, RuntimeConfig
-from gen.sampler import Request, Sampler
+from gen.sampler import PromptTruncatedWarning, Request, Sampler
 from gen.serving import ServingConfig
 
 STEPS = dict(steps=2, guidance_scale=5.0)
@@ -210,6 +211,56 @@ def test_new_token_embeddings_match_tokens_added_by_hand(tiny_sd_dir, spec):
         expected = reference.generate("a <t0><t1> robot on the left", seed=5, **STEPS)
         assert same_image(gen.images[0], expected.images[0])
     assert np.abs(pixels(together[0].images[0]) - pixels(together[1].images[0])).mean() > 2
+
+
+def test_a_placeholder_built_from_text_and_a_mention_fails_alone(tiny_sd_dir, spec):
+    """A concept "0" without trigger reads "0": <bespoke-token-<0>> would reach the row lent to bob's token."""
+    hidden = spec.embedding_dims["text_encoder"]
+    source = DictSource()
+    source.add(make(spec, "bob", "bot", 1, "<t0>", "robot", new_tokens=("<t0>",), token_embeddings={"text_encoder": torch.ones(1, hidden)}))
+    source.add(make(spec, "alice", "0", 2))
+    source.add(make(spec, "alice", "9", 3))
+    source.add(make(spec, "alice", "bot", 4, "<t0>", "robot", new_tokens=("<t0>",), token_embeddings={"text_encoder": torch.ones(1, hidden)}))
+    sampler = Sampler(load_base(tiny_sd_dir), source, ServingConfig(token_pool_size=4))
+    forged = [Request("a <bespoke-token-<0>> photo", user="alice", seed=1, **STEPS), Request("<bot> <bespoke-token-<9>>", user="alice", seed=1, **STEPS)]
+    out = sampler.generate_many([Request("a <bot>", user="bob", seed=1, **STEPS), *forged], return_exceptions=True)
+    assert len(out[0].images) == 1
+    for error in out[1:]:
+        assert isinstance(error, InvalidRequest) and "reserved token" in str(error)
+    assert len(sampler.generate("a <bot> and <bespoke-token-<bot>>", user="alice", seed=1, **STEPS).images) == 1  # its own token is fine
+
+
+def test_a_cut_prompt_drops_the_adapters_of_the_mentions_it_cuts(sampler):
+    prompt = "<rex> " + "dog " * 90 + "<cat>"
+    with pytest.warns(PromptTruncatedWarning, match="dropped: .*<cat>"):
+        gen = sampler.generate(prompt, user="alice", seed=1, versions={"cat": 1}, **STEPS)  # a pin of a cut mention goes too
+    prov = gen.provenance[0]
+    assert "<cat>" not in prov.prompt and [a["concept"] for a in prov.adapters] == ["rex"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the recorded prompt fits: no second cut
+        again = sampler.generate(**prov.generate_kwargs())
+    assert same_image(again.images[0], gen.images[0])
+
+
+class AnonymousSource(DictSource):
+    """A source whose adapters say nothing about who they belong to."""
+
+    def get(self, user, concept, version="latest"):
+        return replace(super().get(user, concept, version), user=None, concept=None, version=None)
+
+
+def test_adapters_without_identity_are_served_under_the_requested_identity(tiny_sd_dir, spec):
+    source = AnonymousSource()
+    source.add(make(spec, "alice", "rex", 1, "sks", "dog"))
+    source.add(make(spec, "bob", "fox", 2, "sks", "dog"))
+    sampler = Sampler(load_base(tiny_sd_dir), source)
+    requests = [Request("a <rex>", user="alice", seed=3, **STEPS), Request("a <fox>", user="bob", seed=3, **STEPS)]
+    together = sampler.generate_many(requests)
+    for request, gen in zip(requests, together):
+        assert same_image(gen.images[0], sampler.generate_many([request])[0].images[0])
+    assert not same_image(together[0].images[0], together[1].images[0])
+    assert [g.provenance[0].adapters[0]["user"] for g in together] == ["alice", "bob"]
+    assert together[1].provenance[0].adapters[0]["concept"] == "fox"
 
 
 def test_real_registry_serves_new_versions_after_the_ttl(tiny_sd_dir, tmp_path):

@@ -108,6 +108,24 @@ def test_other_users_concepts_styles_and_versions_are_unreachable(world, loads, 
     observe("isolation", "`<fox>` asked by alice and by bob in one `generate_many`", "`Sampler.generate_many(return_exceptions=True)`", "alice refused, bob served", "alice: UnknownConcept; bob: served")
 
 
+def test_no_prompt_can_build_a_token_placeholder_to_reach_another_users_row(world, observe):
+    """Placeholders are refused as typed, and also when text and a mention join into one: carol's concept
+    ``0`` (no trigger) reads "0", so ``<bespoke-token-<0>>`` would expand to row 0 of the shared token pool."""
+    sampler, registry, twin = world
+    registry.for_user("carol").put(random_adapter(BaseSpec.from_base(twin), seed=40, std=0.2), twin, "0")
+    bob = Request("a photo of <rex>", user="bob", seed=4, **STEPS)
+    forged = Request("a <bespoke-token-<0>> photo", user="carol", seed=4, **STEPS)
+    bob_alone = sampler.generate_many([bob])[0]  # bob's <rex> holds a row of the pool
+    results = sampler.generate_many([forged, bob], return_exceptions=True)
+    assert isinstance(results[0], InvalidRequest) and "reserved token" in str(results[0])
+    assert _same(results[1].images[0], bob_alone.images[0])
+    observe(
+        "isolation", "`a <bespoke-token-<0>> photo` from carol, who owns a concept `0` without trigger, batched with bob's `<rex>`",
+        "`Sampler.generate_many(return_exceptions=True)`", "carol refused alone (the expansion names a reserved token); bob served as alone",
+        f"carol: {short(str(results[0]), 90)}; bob: identical to alone",
+    )
+
+
 def test_a_faulty_source_cannot_hand_over_another_users_adapter(world, observe):
     _, registry, _ = world
 
