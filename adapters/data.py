@@ -9,7 +9,7 @@ Names are shown with control and bidirectional-override characters escaped, so a
 (``photo\u202egnp.exe``) cannot disguise itself in an error message.
 
 Phones store orientation in EXIF rather than in the pixels, so it is applied first; then any mode
-(RGBA, LA, P with transparency, grayscale, CMYK, 16-bit) becomes 8-bit RGB, transparent areas
+(RGBA, LA, P or colour-keyed RGB and L with transparency, grayscale, CMYK, 16-bit) becomes 8-bit RGB, transparent areas
 composited on white. Each image is center-cropped to a square and resized to the base's
 resolution. The crop is recorded because SDXL conditions on the original size and crop offset.
 
@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import string
+import struct
 import unicodedata
 import warnings
 from collections.abc import Mapping, Sequence
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from gen.errors import BespokeError, InvalidRequest
 
@@ -43,6 +45,11 @@ _SIGNATURES = (
     (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x80", "pickle"), (b"PK\x03\x04", "zip"), (b"%PDF", "PDF"),
 )
 ImageSource = str | os.PathLike | Image.Image
+# EXIF orientation -> the transpose that makes the pixels upright (as PIL's ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+}
 
 
 class InvalidImages(BespokeError):
@@ -139,10 +146,7 @@ def _load_one(item: Path | Image.Image, name: str, limits: ImageLimits) -> UserI
         digest = hashlib.sha256(f"{item.mode}|{item.size}|".encode() + item.tobytes()).hexdigest()
         return UserImage(name, to_rgb(item), digest)
     try:
-        size = item.stat().st_size
-        if size > limits.max_file_bytes:
-            raise _Refused(f"{size} bytes is over the {limits.max_file_bytes}-byte limit")
-        data = item.read_bytes()
+        data = _read_capped(item, limits.max_file_bytes)
     except FileNotFoundError:
         raise _Refused("no such file") from None
     except ValueError:  # a NUL byte in the path
@@ -165,9 +169,28 @@ def _load_one(item: Path | Image.Image, name: str, limits: ImageLimits) -> UserI
             raise _Refused(_unreadable(data)) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise _Refused(f"refused as a decompression bomb ({e})") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:  # struct.error: a malformed EXIF or chunk
             raise _Refused(f"corrupt or truncated ({e})") from None
     return UserImage(name, image, hashlib.sha256(data).hexdigest())
+
+
+def _read_capped(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes, refusing anything but a regular file and never reading more than ``max_bytes + 1``.
+
+    ``st_size`` alone is no bound: ``/dev/zero``, a FIFO or a file still growing reports 0 (or less
+    than it holds), so the read itself stops one byte past the limit.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # non-blocking: opening a FIFO must not wait for a writer
+    with open(fd, "rb", buffering=0) as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise _Refused("is not a regular file (a device, pipe or folder); give a photo file")
+        if info.st_size > max_bytes:
+            raise _Refused(f"{info.st_size} bytes is over the {max_bytes}-byte limit")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _Refused(f"is over the {max_bytes}-byte limit")
+    return data
 
 
 def _unreadable(data: bytes) -> str:
@@ -192,9 +215,13 @@ def _check_pixels(size: tuple[int, int], limits: ImageLimits) -> None:
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """Upright 8-bit RGB: EXIF orientation applied, transparency on white, 16-bit and float scaled down."""
-    im = ImageOps.exif_transpose(im)
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    method = _UPRIGHT.get(_orientation(im))
+    if method is not None:
+        im = im.transpose(method)
+    if im.mode in ("P", "RGB", "L") and "transparency" in im.info:  # a palette entry or colour key (PNG tRNS)
+        im = im.convert("RGBA")
+    elif im.mode == "P":
+        im = im.convert("RGB")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         im = im.convert("RGBA")
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -207,6 +234,20 @@ def to_rgb(im: Image.Image) -> Image.Image:
         top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
         return Image.fromarray(np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8)).convert("RGB")
     return im.convert("RGB")
+
+
+def _orientation(im: Image.Image) -> int | None:
+    """The EXIF orientation tag (None without one, or when it is not a number), read without re-serializing the EXIF.
+
+    PIL's ``exif_transpose`` writes the EXIF back out after rotating, which fails on tags of a
+    type it cannot encode (``struct.error``); the pixels need only the one tag. EXIF that cannot
+    be parsed at all is refused like any other damaged file.
+    """
+    try:
+        value = im.getexif().get(0x0112)
+    except (struct.error, SyntaxError, ValueError, EOFError, OSError, TypeError, KeyError) as e:
+        raise _Refused(f"has damaged EXIF metadata ({e})") from None
+    return value if isinstance(value, int) else None
 
 
 def center_crop_resize(image: Image.Image, size: int) -> tuple[Image.Image, tuple[int, int]]:

@@ -47,6 +47,7 @@ CSS = """
 CONCEPT_HEADERS = ["concept", "mention", "latest", "versions", "aliases", "class word", "trigger", "created (UTC)", "subject fidelity", "prompt fidelity"]
 HISTORY_HEADERS = ["version", "created (UTC)", "aliases", "parent", "rank", "steps", "final loss", "subject fidelity", "prompt fidelity", "sha256", "damaged"]
 SOURCES = ("Sample subject", "Upload photos")
+DELETE_SCOPES = ("this version", "whole concept")
 
 
 # --- plumbing ---------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def build_app(service: DemoService) -> gr.Blocks:
                     alias_btn = gr.Button("Point alias at version")
                     rollback_btn = gr.Button("Roll back latest")
                 with gr.Row():
-                    delete_scope = gr.Radio(["this version", "whole concept"], value="this version", label="Delete")
+                    delete_scope = gr.Radio(list(DELETE_SCOPES), value=DELETE_SCOPES[0], label="Delete")
                     delete_confirm = gr.Checkbox(False, label="Yes, delete it")
                     delete_btn = gr.Button("Delete", variant="stop")
                 with gr.Row():
@@ -291,7 +292,7 @@ def build_app(service: DemoService) -> gr.Blocks:
         def generate(prompt_: str, negative_: str, seed_: float | None, n_: float, steps_: float, guidance_: float, scheduler_: str, compare_: bool, request: gr.Request, progress=gr.Progress()):
             who = user(request)
             result = service.generate(
-                who, prompt_, negative_prompt=negative_ or None, seed=None if seed_ is None else int(seed_), steps=int(steps_),
+                who, prompt_, negative_prompt=negative_ or None, seed=seed_, steps=int(steps_),
                 guidance_scale=float(guidance_), num_images=int(n_), scheduler=scheduler_, compare=bool(compare_),
                 progress=lambda i, total: progress((i, total), desc="denoising"),
             )
@@ -343,7 +344,9 @@ def build_app(service: DemoService) -> gr.Blocks:
         def delete(concept_: str, version_: str, scope: str, confirm: bool, request: gr.Request) -> str:
             if not confirm:
                 raise gr.Error("Tick 'Yes, delete it' first: a deleted version cannot be brought back.")
-            return service.delete(user(request), concept_, "all" if scope == "whole concept" else version_)
+            if scope not in DELETE_SCOPES:
+                raise gr.Error(f"Choose what to delete: {' or '.join(DELETE_SCOPES)}.")
+            return service.delete(user(request), concept_, version_, whole=scope == DELETE_SCOPES[1])
 
         @handler
         def export(concept_: str, version_: str, fmt: str, request: gr.Request) -> str:

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import unicodedata
 from pathlib import Path
 
 from adapters.registry.errors import InvalidName
@@ -44,6 +45,14 @@ def hash_password(password: str, iterations: int = HASH_ITERATIONS) -> str:
     return f"{HASH_SCHEME}${iterations}${salt}${digest}"
 
 
+def _iterations(stored: str) -> int | None:
+    """The PBKDF2 iteration count of a stored hash; None for a plain password (or a malformed hash)."""
+    parts = stored.split("$")
+    if len(parts) != 4 or parts[0] != HASH_SCHEME or not (parts[1].isascii() and parts[1].isdigit()):
+        return None
+    return int(parts[1])
+
+
 def _matches(stored: str, password: str) -> bool:
     if stored.startswith(HASH_SCHEME + "$"):
         try:
@@ -61,21 +70,22 @@ class Users:
     def __init__(self, entries: dict[str, str]):
         if not entries:
             raise AuthConfigError("no users defined; add lines like 'alice:password'")
-        self._entries = dict(entries)
-        # Unknown names are checked against a decoy, so a login takes as long whether or not the name exists.
-        hashed = any(v.startswith(HASH_SCHEME + "$") for v in entries.values())
-        self._decoy = hash_password(secrets.token_hex(8)) if hashed else secrets.token_hex(8)
+        # Names are kept, and looked up, in NFC: "zoë" typed as o + combining diaeresis is the same user.
+        self._entries = {unicodedata.normalize("NFC", name): stored for name, stored in entries.items()}
+        # Unknown names, and users with a plain password, are also checked against a decoy hash as costly
+        # as the costliest stored one, so a login takes as long whichever kind of name it is, or none.
+        costs = [n for n in map(_iterations, self._entries.values()) if n]
+        self._decoy = hash_password(secrets.token_hex(8), max(costs)) if costs else None
 
     @property
     def names(self) -> list[str]:
         return sorted(self._entries)
 
     def __call__(self, username: str, password: str) -> bool:
-        stored = self._entries.get(username)
-        if stored is None:
-            _matches(self._decoy, password)
-            return False
-        return _matches(stored, password)
+        stored = self._entries.get(unicodedata.normalize("NFC", username))
+        if self._decoy is not None and (stored is None or _iterations(stored) is None):
+            _matches(self._decoy, password)  # the cost of a hash, for a plain password or no user at all
+        return stored is not None and _matches(stored, password)
 
     @classmethod
     def parse(cls, text: str, where: str, *, commas: bool = False) -> Users:

@@ -15,12 +15,25 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+MAX_SEED = 2**63 - 1  # below gen.sampler.SEED_LIMIT (not imported: it would bring torch into building the parser)
+
 
 def _add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="builtin", help="'builtin', a local diffusers folder, or a hub id (default: builtin)")
     p.add_argument("--allow-network", action="store_true", help="allow downloading a hub id")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: by device)")
+
+
+def seed_arg(text: str) -> int:
+    """A ``--seed`` value: a whole number from 0 to 2**63 - 1, refused by argparse (a usage error, exit 2) otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give a whole number") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed must be between 0 and {MAX_SEED} (2**63 - 1), got {value}")
+    return value
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -132,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("-n", "--num-images", type=int, default=1)
-    gen.add_argument("--seed", type=int, default=None, help="image i uses seed+i (default: random)")
+    gen.add_argument("--seed", type=seed_arg, default=None, help="image i uses seed+i (default: random)")
     gen.add_argument("--steps", type=int, default=None)
     gen.add_argument("--guidance", type=float, default=None)
     gen.add_argument("--scheduler", default=None, help="ddim, euler, euler_a, dpm++, unipc")
@@ -150,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--registry", default=None, help="registry folder (default: $BESPOKE_REGISTRY, else <cache dir>/registry)")
     quick.add_argument("--preset", choices=PRESET_NAMES, default="balanced", help="quick, balanced or best (default: balanced)")
     quick.add_argument("--train-steps", type=int, default=None, help="training steps (default: the preset's)")
-    quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--seed", type=seed_arg, default=0)
     quick.add_argument("--out", default="outputs/quickstart")
     quick.set_defaults(func=cmd_quickstart)
 

@@ -178,6 +178,8 @@ def cmd_sample_subject(args: argparse.Namespace) -> int:
     from adapters.samples import save_sample_subject
     from gen.errors import InvalidRequest
 
+    if args.num_images < 1:  # 0 would write nothing and succeed; a negative count fails deep in numpy, naming the wrong thing
+        raise InvalidRequest(f"-n/--num-images must be at least 1, got {args.num_images}")
     try:
         paths = save_sample_subject(args.subject, args.out, n=args.num_images, seed=args.seed)
     except ValueError as e:
@@ -189,6 +191,8 @@ def cmd_sample_subject(args: argparse.Namespace) -> int:
 
 def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train`` and ``sample-subject`` to the main CLI's subparsers."""
+    from demo.cli import seed_arg
+
     train = subparsers.add_parser(
         "train", help="train a user's LoRA adapter from their photos and register it",
         description="Train a user's LoRA adapter (DreamBooth-LoRA) from a few photos and put it in the registry.",
@@ -200,5 +204,5 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     sample.add_argument("subject", help="a held-out subject: <class>-<0..9>, e.g. robot-3, mug-0, cat-7")
     sample.add_argument("--out", required=True, help="output folder")
     sample.add_argument("-n", "--num-images", type=int, default=4)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=seed_arg, default=0)
     sample.set_defaults(func=cmd_sample_subject)

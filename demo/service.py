@@ -164,9 +164,7 @@ class DemoService:
         if not all(p.is_file() for p in paths):
             folder.mkdir(parents=True, exist_ok=True)
             for path, image in zip(paths, self.sample_photos(subject, n)):
-                tmp = path.with_suffix(".tmp")
-                image.save(tmp, format="PNG")
-                tmp.replace(path)
+                _save_atomically(image, path)
         return [str(p) for p in paths]
 
     def _photo_count(self, n: int | float | None) -> int:
@@ -290,7 +288,7 @@ class DemoService:
             raise InvalidRequest(f"steps must be between 1 and {s.max_steps}, got {steps}")
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise InvalidRequest(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        seed = secrets.randbits(31) if seed is None or int(seed) < 0 else int(seed)
+        seed = _seed(seed)
         negative_prompt = negative_prompt or None
         base_prompt = self.base_prompt(user, prompt) if compare else None
         common = dict(negative_prompt=negative_prompt, num_images=num_images, seed=seed, steps=None if steps is None else int(steps),
@@ -350,9 +348,19 @@ class DemoService:
         record = self.handle(user).rollback(concept)
         return f"latest of {concept} is now v{record.version} (a copy of v{record.parent_version})"
 
-    def delete(self, user: str, concept: str, version: str | None, force: bool = False) -> str:
-        deleted = self.handle(user).delete(concept, None if version in (None, "", "all") else _version(version), force=force)
-        what = "the whole concept" if version in (None, "", "all") else f"v{deleted[0]}"
+    def delete(self, user: str, concept: str, version: str | None = None, *, whole: bool = False, force: bool = False) -> str:
+        """Delete one version, or every version with ``whole``.
+
+        Deleting everything is its own flag, never a version value: an empty version box (or an
+        alias named ``all``) must not turn "delete this version" into "delete the concept".
+        """
+        if whole:
+            deleted = self.handle(user).delete(concept, None, force=force)
+        elif version is None or not str(version).strip():
+            raise InvalidRequest("pick the version to delete (or choose to delete the whole concept)")
+        else:
+            deleted = self.handle(user).delete(concept, _version(version), force=force)
+        what = "the whole concept" if whole else f"v{deleted[0]}"
         return f"deleted {what} of {concept} ({len(deleted)} version{'s' if len(deleted) != 1 else ''})"
 
     def export(self, user: str, concept: str, version: str, fmt: str) -> str:
@@ -422,7 +430,31 @@ def _version(version: str | int | None) -> int | str:
     if version is None or version == "":
         return "latest"
     text = str(version).strip().removeprefix("v")
-    return int(text) if text.isdigit() else text
+    return int(text) if text.isascii() and text.isdigit() else text
+
+
+def _seed(seed: int | float | None) -> int:
+    """The request's base seed: random when None or negative (the page's -1), else the page's number as an int.
+
+    The range (image ``i`` uses ``seed + i``, each below 2**63) is the sampler's to check, as for any caller.
+    """
+    if isinstance(seed, float) and not seed.is_integer():  # NaN and infinity too
+        raise InvalidRequest(f"seed must be a whole number, got {seed}")
+    return secrets.randbits(31) if seed is None or seed < 0 else int(seed)
+
+
+def _save_atomically(image: Image.Image, path: Path) -> None:
+    """Write a PNG under a temporary name of its own, then rename it into place.
+
+    Two page loads may write the same sample at once: each needs its own temporary file (a shared
+    one is renamed away under the other writer), and the rename means no reader sees half a PNG.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _safe_stem(text: str) -> str:

@@ -7,7 +7,8 @@ app only ever reads paths inside that folder (so a crafted API call cannot make 
 the pixel count from the header before decoding (a decompression bomb is refused, never decoded)
 and fully decodes the rest so a truncated file fails here, not mid-training.
 
-File names are shown back to the user, so they are cut short and HTML-escaped first.
+File names are shown back to the user, so control and bidi characters are escaped (as
+:func:`adapters.data.shown_name` does) and they are cut short and HTML-escaped first.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.data import ImageLimits, InvalidImages, UserImage, load_images
+from adapters.data import shown_name as _escaped_name
 from gen.errors import BespokeError
 
 _PREFIX = re.compile(r"^\d+ of \d+ images cannot be used: ")
@@ -50,8 +52,8 @@ class UploadRefused(BespokeError):
 
 
 def shown_name(path: str | os.PathLike) -> str:
-    """A file's name as safe to show: the base name only, shortened and HTML-escaped."""
-    name = Path(path).name or "(unnamed)"
+    """A file's name as safe to show: the base name only, control and bidi characters escaped, shortened, HTML-escaped."""
+    name = _escaped_name(Path(path).name) or "(unnamed)"
     if len(name) > MAX_SHOWN_NAME:
         name = name[: MAX_SHOWN_NAME - 3] + "..."
     return html.escape(name, quote=False)
@@ -87,8 +89,7 @@ def check_uploads(paths: Sequence[str | os.PathLike], limits: UploadLimits = Upl
         try:
             (image,) = load_images([path], one)
         except InvalidImages as e:
-            reason = _PREFIX.sub("", str(e))
-            reason = reason.split(": ", 1)[1] if reason.startswith(path.name + ": ") else reason
+            reason = _PREFIX.sub("", str(e)).removeprefix(_escaped_name(path.name) + ": ")  # the name is shown once, ours
             problems.append(f"{name}: {html.escape(reason, quote=False)}")
             continue
         loaded.append(image)

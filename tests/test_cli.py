@@ -87,3 +87,23 @@ def test_quickstart_personalizes_a_sample_subject_and_saves_a_before_after_grid(
 def test_quickstart_names_an_unknown_subject(tmp_path):
     run = bespoke("quickstart", "--subject", "dragon-1", home=tmp_path)
     assert run.returncode == 2 and "unknown sample subject 'dragon-1'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_seeds_and_photo_counts_out_of_range_are_usage_errors(tmp_path, monkeypatch, capsys):
+    """A huge seed reached torch (a traceback); `sample-subject -n 0` succeeded having written nothing."""
+    import pytest
+
+    from demo.cli import main
+
+    monkeypatch.setenv("BESPOKE_HOME", str(tmp_path))
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    for seed in ("100000000000000000000", "-3"):
+        with pytest.raises(SystemExit) as exited:  # argparse: before any base is loaded
+            main(["generate", "--prompt", "x", "--seed", seed, "--out", str(tmp_path / "out")])
+        assert exited.value.code == 2
+        assert f"seed must be between 0 and {2**63 - 1} (2**63 - 1), got {int(seed)}" in capsys.readouterr().err
+    for n in ("0", "-1"):
+        assert main(["sample-subject", "robot-3", "--out", str(tmp_path / "photos"), "-n", n]) == 2
+        _one_error_line(capsys.readouterr().err, f"-n/--num-images must be at least 1, got {n}")
+    assert not (tmp_path / "photos").exists()

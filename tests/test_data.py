@@ -141,3 +141,65 @@ def test_sample_subjects_are_held_out_and_deterministic(tmp_path):
         subject_instance("robot-42")
     with pytest.raises(ValueError, match="unknown sample subject"):
         subject_instance("unicorn-1")
+
+
+def test_orientation_is_applied_when_pil_cannot_rewrite_the_exif(tmp_path):
+    """A tag of a type PIL cannot re-encode (CellWidth holding ASCII) made ``exif_transpose`` raise struct.error."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Canon"
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buffer, "JPEG", exif=exif)
+    path = tmp_path / "odd_exif.jpg"
+    path.write_bytes(buffer.getvalue().replace(b"\x01\x0f\x00\x02", b"\x01\x08\x00\x02", 1))  # Make (0x010f) -> CellWidth (0x0108)
+    (image,) = load_images([path])
+    assert image.image.size == (48, 64)  # rotated upright
+
+
+def test_colour_key_transparency_is_composited_on_white(tmp_path):
+    rgb = Image.new("RGB", (16, 16), (0, 0, 0))
+    assert _rgb(_save(rgb, tmp_path / "rgb_trns.png", transparency=(0, 0, 0))) == (255, 255, 255)
+    assert _rgb(_save(Image.new("L", (16, 16), 0), tmp_path / "l_trns.png", transparency=0)) == (255, 255, 255)
+    assert _rgb(_save(Image.new("RGB", (16, 16), (9, 9, 9)), tmp_path / "rgb_other_key.png", transparency=(0, 0, 0))) == (9, 9, 9)
+
+
+def test_non_regular_files_are_refused_without_reading(tmp_path):
+    """A FIFO (or /dev/zero) reports 0 bytes, so the size check alone let an endless read through."""
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(_refusal([fifo])), daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # blocked opening the FIFO: give it a writer that closes at once, so it ends
+        open(fifo, "wb").close()
+        worker.join(10)
+    assert outcome and "pipe.png: is not a regular file" in outcome[0], outcome
+    assert "zero: is not a regular file" in _refusal(["/dev/zero"])
+
+
+def test_the_byte_limit_holds_when_the_size_on_disk_lies(tmp_path, monkeypatch):
+    """A file still growing (or a filesystem that reports 0) is read only to the limit and refused."""
+    import os
+
+    path = _save(Image.effect_noise((64, 64), 50).convert("RGB"), tmp_path / "grows.png")
+    assert path.stat().st_size > 1000
+    real_stat, real_fstat = os.stat, os.fstat
+
+    def zero_size(result: os.stat_result) -> os.stat_result:
+        fields = list(result)
+        fields[6] = 0  # st_size
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: zero_size(real_stat(p, *a, **k)) if str(p) == str(path) else real_stat(p, *a, **k))
+    monkeypatch.setattr(os, "fstat", lambda fd: zero_size(real_fstat(fd)))
+    assert "grows.png: is over the 1000-byte limit" in _refusal([path], ImageLimits(max_file_bytes=1000))
+
+
+def _refusal(sources, limits: ImageLimits = ImageLimits()) -> str:
+    with pytest.raises(InvalidImages) as info:
+        load_images(sources, limits)
+    return str(info.value)

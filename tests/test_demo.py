@@ -333,3 +333,127 @@ def test_provenance_survives_the_download(app):
     assert read_provenance(path).seed == 11
     sidecar = next(f for f in files if Path(f).name == "provenance.json")
     assert json.loads(Path(sidecar).read_text())[0]["seed"] == 11
+
+
+def test_upload_refusals_escape_control_characters_and_name_each_file_once(tmp_path):
+    from demo.uploads import UploadRefused, check_uploads
+
+    disguised = tmp_path / "photo\u202egnp.exe.png"
+    disguised.write_bytes(b"MZ\x90\x00 not really a png")
+    (tmp_path / "a\nb.png").write_bytes(b"")
+    good = [tmp_path / f"g{i}.png" for i in range(2)]
+    for path in good:
+        Image.new("RGB", (32, 32)).save(path)
+    with pytest.raises(UploadRefused) as refused:
+        check_uploads([disguised, tmp_path / "a\nb.png", *good], upload_root=tmp_path)
+    assert refused.value.problems == ["photo\\u202egnp.exe.png: not a JPEG, PNG or WebP image", "a\\u000ab.png: is empty (0 bytes)"]
+
+
+def test_every_login_costs_one_hash_when_any_password_is_hashed(monkeypatch):
+    """Plain passwords compared instantly, so timing told which plain names exist; each lookup now runs one hash."""
+    import hashlib
+
+    users = Users.parse(f"alice:correct horse battery staple\nbob:{hash_password('x', iterations=1000)}\n", "users.txt")
+    real = hashlib.pbkdf2_hmac
+    costs: list[int] = []
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", lambda name, pw, salt, n, *a: costs.append(n) or real(name, pw, salt, n, *a))
+    for name in ("alice", "bob", "mallory"):
+        costs.clear()
+        assert not users(name, "guess")
+        assert costs == [1000], (name, costs)
+    assert users("alice", "correct horse battery staple") and users("bob", "x")
+
+
+def test_login_names_are_matched_in_nfc():
+    users = Users.parse("zo\u00eb:pw\n", "users.txt")
+    assert users("zoe\u0308", "pw")  # e + combining diaeresis, as some keyboards type it
+    assert Users({"zoe\u0308": "pw"})("zo\u00eb", "pw")
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    """The service without login or a server, for what needs no HTTP round trip."""
+    root = tmp_path_factory.mktemp("local")
+    with gradio_env(root):
+        service = tiny_service(root, auth=False)
+        try:
+            yield service
+        finally:
+            service.close()
+
+
+def _put_versions(service, concept: str, n: int) -> None:
+    from adapters.registry.synthetic import random_adapter
+    from adapters.validate import BaseSpec
+
+    spec = BaseSpec.from_base(service.base)
+    for i in range(n):
+        service.registry.for_user("local").put(random_adapter(spec, seed=i, std=0.05), service.base, concept, trigger="sks", class_word="robot")
+
+
+def test_deleting_everything_is_an_explicit_choice(local):
+    """An empty version box (or an alias named 'all') once deleted the whole concept."""
+    import types
+
+    import gradio as gr
+
+    from demo.app import build_app
+    from gen.errors import InvalidRequest
+
+    _put_versions(local, "rex", 3)
+    for empty in (None, "", "  "):
+        with pytest.raises(InvalidRequest, match="pick the version to delete"):
+            local.delete("local", "rex", empty)
+    local.set_alias("local", "rex", "all", "2")
+    assert local.delete("local", "rex", "all", force=True) == "deleted v2 of rex (1 version)"
+    assert local.versions("local", "rex") == ["3", "1"]
+
+    fns = {f.api_name: f.fn for f in build_app(local).fns.values() if f.api_name}
+    request = types.SimpleNamespace(username=None)
+    with pytest.raises(gr.Error, match="pick the version to delete"):
+        fns["delete"]("rex", None, "this version", True, request)
+    with pytest.raises(gr.Error, match="Choose what to delete"):
+        fns["delete"]("rex", "1", "everything", True, request)
+    assert fns["delete"]("rex", None, "whole concept", True, request) == "deleted the whole concept of rex (2 versions)"
+    assert local.concept_rows("local") == []
+
+
+def test_concurrent_page_loads_write_the_sample_preview_safely(local, monkeypatch):
+    """Two writers shared one ``<i>.tmp``: the second rename found it gone. Each save here waits for the other writer's."""
+    import shutil
+    import threading
+
+    shutil.rmtree(local.outputs / "samples", ignore_errors=True)
+    both = threading.Barrier(2, timeout=20)
+    real_save = Image.Image.save
+
+    def save_in_step(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        both.wait()  # both writers have written before either renames
+
+    monkeypatch.setattr(Image.Image, "save", save_in_step)
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(local.sample_preview("robot-3", 3))
+        except Exception as e:  # noqa: BLE001 - any failure is the finding
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == 2 and results[0] == results[1], errors
+    monkeypatch.undo()
+    assert all(Image.open(p).size == (64, 64) for p in results[0])
+    assert sorted(p.name for p in (local.outputs / "samples").rglob("*")) == ["0.png", "1.png", "2.png", "robot-3"]
+
+
+def test_out_of_range_seeds_are_refused_in_a_line(local):
+    from gen.errors import InvalidRequest
+
+    for seed, n in ((10**20, 1), (2**63 - 1, 2), (float("inf"), 1), (1.5, 1)):
+        with pytest.raises(InvalidRequest, match="seed must be"):
+            local.generate("local", "a red mug", seed=seed, num_images=n, steps=1)
