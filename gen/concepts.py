@@ -36,7 +36,9 @@ _PLACEHOLDER_RE = re.compile(r"<bespoke-token-(\d+)>", re.IGNORECASE)  # the tok
 # "<name>" or "<name:weight>". The pattern only finds candidates: Python's ``re`` has no class for
 # combining marks (``\w`` misses them, so "नमस्ते" would not match), so :func:`_mention_name` checks the
 # name against the registry's rules (adapters.registry.names, replicated here: gen never imports adapters).
-_MENTION_RE = re.compile(r"<(?P<name>\w[^\s<>:]*)(?::(?P<weight>[^<>\s]*))?>")
+# Spaces around the colon are allowed ("<rex: 0.8>" was once left as literal text, silently serving no adapter);
+# a space right after "<" is not, so "a < b > c" stays text.
+_MENTION_RE = re.compile(r"<(?P<name>\w[^\s<>:]*)\s*(?::\s*(?P<weight>[^<>\s]*)\s*)?>")
 _NAME_PUNCTUATION = frozenset("_-.@+")
 _TEXT_ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 

@@ -28,6 +28,7 @@ def test_mentions_with_and_without_weights():
     prompt = "a photo of <rex> and <my.cat-2:0.8> near <rex> in <Fido@home+1:-0.5> style"
     assert [(m.name, m.weight) for m in parse_mentions(prompt)] == [("rex", 1.0), ("my.cat-2", 0.8), ("Fido@home+1", -0.5)]
     assert parse_mentions("no mentions, a <3 heart and a < b > c") == []
+    assert [(m.name, m.weight) for m in parse_mentions("<rex: 0.5> by <cat : -0.25 > and <dog >")] == [("rex", 0.5), ("cat", -0.25), ("dog", 1.0)]
     assert substitute(prompt, {"rex": "sks dog", "my.cat-2": "zwx cat", "Fido@home+1": "fido"}) == (
         "a photo of sks dog and zwx cat near sks dog in fido style"
     )
