@@ -280,6 +280,14 @@ def fill(template: str, what: str, **values: str) -> str:
     return template.format(**values)
 
 
+def _names_trigger(template: str) -> bool:
+    """Whether ``template`` has a ``{trigger}`` field ("{{trigger}}" is the literal text, naming nobody)."""
+    try:
+        return any(field == "trigger" for _, field, _, _ in string.Formatter().parse(template))
+    except ValueError:  # malformed: fill() names the problem
+        return True
+
+
 def default_caption(trigger: str, class_word: str) -> str:
     """DreamBooth's instance prompt: the trigger names the subject, the class word says what it is."""
     return f"a {trigger} {class_word}"
@@ -307,7 +315,7 @@ def caption_templates(
     long = [im.name for im, t in zip(images, templates) if t is not None and len(t) > MAX_CAPTION_CHARS]
     if long:
         raise InvalidImages(f"captions are limited to {MAX_CAPTION_CHARS} characters (the text encoder reads about 300); too long for: {', '.join(map(shown_name, long))}")
-    missing = [im.name for im, t in zip(images, templates) if t is not None and "{trigger}" not in t]
+    missing = [im.name for im, t in zip(images, templates) if t is not None and not _names_trigger(t)]
     if missing:
         raise InvalidImages(f"captions must contain {{trigger}} where the subject is named (e.g. 'a {{trigger}} dog on a beach'); missing in: {', '.join(missing)}")
     return templates

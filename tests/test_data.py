@@ -123,6 +123,8 @@ def test_captions_default_and_per_image():
     assert [e.caption for e in custom] == ["a <rex> dog", "a <rex> dog on a beach"]
     with pytest.raises(InvalidImages, match="missing in: image 1"):
         make_examples(images, 64, "sks", "dog", ["a dog", "a {trigger} dog"])
+    with pytest.raises(InvalidImages, match="missing in: image 2"):  # "{{trigger}}" is the literal text "{trigger}"
+        make_examples(images, 64, "sks", "dog", ["a {trigger} dog", "a {{trigger}} dog"])
     with pytest.raises(InvalidImages, match="not in the set: other.png"):
         make_examples(images, 64, "sks", "dog", {"other.png": "a {trigger}"})
     with pytest.raises(InvalidImages, match="got 1 captions for 2 images"):

@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 
 from adapters.registry import Registry
 from adapters.samples import save_sample_subject
-from adapters.train import TrainingDiverged, TrainJob, personalize, resolve_config, train_adapters
+from adapters.train import TrainingDiverged, TrainJob, personalize, personalize_many, resolve_config, train_adapters
 from adapters.train.config import add_config_arguments, overrides_from_args, profile_of
 from adapters.train.data import PromptEncoder, TrainingData, class_image_folder, class_images, prepare_jobs
 from adapters.train.loop import _min_snr_weights
 from adapters.train.lora import Attachment
 from gen.base import Base, fingerprint_pipeline, load_base
-from gen.errors import InvalidRequest
+from gen.errors import BespokeError, InvalidRequest
 from gen.sampler import Sampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def test_pivotal_tuning_encodes_the_class_captions_once_and_trains_as_if_it_enco
     encoded.clear()
     monkeypatch.setattr(Attachment, "training_changes", lambda self, caption: True)  # every caption, every step
     (live,) = train_adapters(base, job, cfg)
-    assert encoded.count(class_caption) == cfg.steps * cfg.batch_size  # a class row per instance row
+    assert encoded.count(class_caption) == (cfg.steps + 1) * cfg.batch_size  # a class row per instance row; +1: the check after the last step
     torch.testing.assert_close(cached.adapter.token_embeddings, live.adapter.token_embeddings, rtol=1e-4, atol=1e-6)
     for key, tensor in cached.adapter.tensors.items():  # float order (batched vs one-off encoding) moves near-zero
         # elements by ~1e-6 on some CPUs (an AVX-512 Xeon: 1.06e-6, one element in 256), which Adam's ~lr * sign(grad) keeps
@@ -237,14 +237,14 @@ def test_distilled_prior_is_zero_while_the_adapter_is_the_base(tiny_sd_dir, phot
 @pytest.mark.parametrize("prior_context", [False, True])
 def test_class_rows_carry_the_class_prompt_or_the_photos_captions_without_the_trigger(tiny_sd_dir, photos, prior_context):
     base = load_base(tiny_sd_dir)
-    cfg = resolve_config(base, "quick", batch_size=2, prior_distill=True, prior_context=prior_context)
-    templates = ["a large {trigger} mug on the left", "{trigger} {class_word} against blue stripes", "{trigger}"]
-    (job,) = prepare_jobs([TrainJob("u", "m", photos, "mug", captions=templates)], cfg)
+    cfg = resolve_config(base, "quick", batch_size=2, prior_distill=True, prior_context=prior_context, trigger="ted")
+    templates = ["a large {trigger} mug on the left", "{trigger} {class_word} on a dotted cloth", "{trigger}"]
+    (job,) = prepare_jobs([TrainJob("u", "m", photos, "mug", captions=templates)], cfg)  # trigger "ted": in "dotted" too
     data = TrainingData([job], [[Image.new("RGB", (64, 64), "gray")] * 2], base.pipe.vae, cfg, torch.device("cpu"), 1000)
     batches = [data.batch(step, 0, 0) for step in range(24)]
     class_rows = [c for b in batches for c, prior in zip(b.captions, b.prior.tolist()) if prior]
-    contexts = {"a large mug on the left", "mug against blue stripes"}  # "{trigger}" alone leaves the class prompt
-    assert all(job.trigger not in c for c in class_rows)
+    contexts = {"a large mug on the left", "mug on a dotted cloth"}  # "{trigger}" alone leaves the class prompt
+    assert all(job.trigger not in c.split() for c in class_rows)
     if prior_context:  # every other class row: the class prompt, then a photo's caption minus its trigger
         assert class_rows.count("a mug") >= len(class_rows) // 2 and set(class_rows) == {"a mug", *contexts}
         assert data.users[0].context_captions[2] == "a mug"  # never the empty prompt
@@ -297,6 +297,29 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint-000003", "checkpoint-000004"]
 
 
+def test_an_output_folder_never_mixes_two_runs(tiny_sd_dir, photos, tmp_path):
+    """One output folder, two different jobs: the second refuses the first's checkpoint (it once resumed from it
+    and registered the mix), starts over with resume off (leaving none of the first's behind), and a state file
+    cut short by a kill marks its checkpoint incomplete instead of stopping every later run."""
+    base = load_base(tiny_sd_dir)
+    save_sample_subject("robot-2", tmp_path / "robots", n=2)
+    out = str(tmp_path / "run")
+    first = [TrainJob("carol", "m", photos, "mug")]
+    second = [TrainJob("carol", "r", tmp_path / "robots", "robot")]
+    settings = dict(steps=3, checkpoint_every=1, keep_checkpoints=2, output_dir=out, **FAST)
+    train_adapters(base, first, resolve_config(base, **settings))
+    with pytest.raises(BespokeError, match="checkpoint-000003 is a checkpoint of another training run"):
+        train_adapters(base, second, resolve_config(base, **settings))
+    steps = []
+    train_adapters(base, second, resolve_config(base, **{**settings, "steps": 2, "resume": False}), progress=lambda s, t, i: steps.append(s) if i["phase"] == "train" else None)
+    assert steps == [1, 2] and sorted(p.name for p in Path(out).iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
+    state = Path(out) / "checkpoint-000002" / "train_state.json"
+    state.write_text(state.read_text()[:10])  # killed mid-write (before writes became whole-then-rename)
+    steps.clear()
+    train_adapters(base, second, resolve_config(base, **{**settings, "steps": 2}), progress=lambda s, t, i: steps.append(s) if i["phase"] == "train" else None)
+    assert steps == [2]  # resumed from checkpoint 1, the last complete one
+
+
 def test_ema_saves_the_moving_average_of_the_weights_each_step_had(tiny_sd_dir, photos, tmp_path):
     """Each checkpoint holds that step's live LoRA weights; the adapter must be their moving average with
     diffusers' EMAModel schedule: decay min(ema_decay, t / (9 + t)) at step t (0 at the first step)."""
@@ -315,14 +338,37 @@ def test_ema_saves_the_moving_average_of_the_weights_each_step_had(tiny_sd_dir, 
     assert float(got) == pytest.approx(float(average), rel=1e-4, abs=1e-5)
 
 
-def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_sd_dir, photos, tmp_path):
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_sd_dir, photos, tmp_path, monkeypatch):
+    """A NaN loss at step 4 came from the weights checkpoint 3 holds: 2 is the last good one, and 3 is removed
+    so that a resume cannot start from it."""
     base = load_base(tiny_sd_dir)
     before = snapshot(base)
-    cfg = resolve_config(base, steps=6, lr=1e30, warmup_steps=0, checkpoint_every=1, output_dir=str(tmp_path / "run"), **FAST)
-    with pytest.raises(TrainingDiverged, match=r"diverged at step 2 \(loss dave/x: (nan|inf)\); the last good checkpoint is .*checkpoint-000001 \(step 1\)"):
+    real = TrainingData.batch
+
+    def batch(self, step, micro, process):
+        rows = real(self, step, micro, process)
+        if step == 3:
+            rows.latents[:] = float("nan")
+        return rows
+
+    monkeypatch.setattr(TrainingData, "batch", batch)
+    cfg = resolve_config(base, steps=6, warmup_steps=0, checkpoint_every=1, keep_checkpoints=3, output_dir=str(tmp_path / "run"), **FAST)
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 4 \(loss dave/x: nan\); the last good checkpoint is .*checkpoint-000002 \(step 2\)"):
         train_adapters(base, [TrainJob("dave", "x", photos, "mug")], cfg)
-    assert (tmp_path / "run" / "checkpoint-000001" / "lora.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000002"]
     assert snapshot(base) == before
+
+
+def test_an_update_that_breaks_the_weights_is_caught_even_at_the_last_step(tiny_sd_dir, photos, tmp_path):
+    """Step 1's loss is finite (B starts at zero) and lr 1e30 breaks the weights after it: the check after the
+    last step refuses them, and nothing is registered."""
+    base = load_base(tiny_sd_dir)
+    registry = Registry(tmp_path / "registry")
+    for steps, match in ((1, r"diverged at step 2 \(loss dave/x: (nan|inf)\); no good checkpoint"), (6, r"diverged at step 2 .*no good checkpoint")):
+        with pytest.raises(TrainingDiverged, match=match):
+            personalize(base, "dave", "x", photos, "mug", registry=registry, steps=steps, lr=1e30, warmup_steps=0, checkpoint_every=1, output_dir=str(tmp_path / f"run{steps}"), **FAST)
+        assert not list((tmp_path / f"run{steps}").glob("checkpoint-*"))  # checkpoint 1 holds the broken weights
+    assert registry.for_user("dave").concepts() == []
 
 
 def test_presets_options_and_command_line_flags(tiny_sd_dir):
@@ -404,10 +450,42 @@ def test_user_errors_stop_before_training_with_one_line(tiny_sd_dir, tmp_path, c
     assert code == 2 and err.count("\n") == 1 and "broken.jpg" in err
 
 
-def test_a_negative_job_seed_is_refused_before_any_model_work(tiny_sd_dir, photos):
+@pytest.mark.parametrize("seed", [-3, 2**63])  # numpy refuses the one, validation sampling the other, mid-run
+def test_a_job_seed_out_of_range_is_refused_before_any_model_work(tiny_sd_dir, photos, seed):
     base = load_base(tiny_sd_dir)
-    with pytest.raises(InvalidRequest, match="carol/m: seed must be >= 0, got -3"):
-        prepare_jobs([TrainJob("carol", "m", photos, "mug", seed=-3)], resolve_config(base, **FAST))
+    with pytest.raises(InvalidRequest, match=f"carol/m: seed must be between 0 and {2**63 - 1}, got {seed}"):
+        prepare_jobs([TrainJob("carol", "m", photos, "mug", seed=seed)], resolve_config(base, **FAST))
+    with pytest.raises(InvalidRequest, match="seed must be"):
+        resolve_config(base, seed=seed, **FAST)
+
+
+def test_a_trigger_that_is_the_class_word_is_refused(tiny_sd_dir, photos):
+    base = load_base(tiny_sd_dir)
+    with pytest.raises(InvalidRequest, match="the trigger 'Mug' is the class word"):
+        prepare_jobs([TrainJob("carol", "m", photos, "mug")], resolve_config(base, trigger="Mug", **FAST))
+
+
+def test_options_that_need_a_switch_that_is_off_say_so(tiny_sd_dir):
+    base = load_base(tiny_sd_dir)
+    with pytest.warns(UserWarning, match="num_new_tokens has no effect: new_token is off"):
+        resolve_config(base, "quick", num_new_tokens=3)
+    with pytest.warns(UserWarning, match="prior_weight has no effect: prior_preservation is off"):
+        resolve_config(base, prior_preservation=False, prior_weight=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_config(base, "quick", new_token=True, num_new_tokens=3)
+
+
+def test_the_same_seed_gives_the_same_adapter_with_dropout_and_the_record_keeps_the_jobs_seed(tiny_sd_dir, photos, tmp_path):
+    base = load_base(tiny_sd_dir)
+    options = dict(steps=2, dropout=0.3, lr=1e-2, warmup_steps=0, **FAST)
+    registry = Registry(tmp_path / "registry")
+    first, second = (personalize(base, "gus", f"m{i}", photos, "mug", registry=registry, seed=7, **options) for i in range(2))
+    a, b = (registry.for_user("gus").get(r.concept) for r in (first, second))
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    jobs = [TrainJob("gus", "x", photos, "mug", seed=9), TrainJob("hal", "y", photos, "mug", seed=11)]
+    records = personalize_many(base, jobs, registry=registry, seed=7, **options)
+    assert [r.training_config["seed"] for r in records] == [9, 11]
 
 
 def _free_port() -> int:

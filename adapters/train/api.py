@@ -79,7 +79,7 @@ def register(results: Sequence[TrainResult], base: Base, training_config: dict, 
     try:
         return [
             reg.for_user(r.job.user).put(
-                r.adapter, base, r.job.concept, training_config=training_config,
+                r.adapter, base, r.job.concept, training_config={**training_config, "seed": r.seed},  # the job's seed, not the config's
                 data_fingerprints=r.data_fingerprints, metrics=r.metrics,
             )
             for r in results

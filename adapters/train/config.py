@@ -30,6 +30,7 @@ PRESET_NAMES = ("quick", "balanced", "best")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TIMESTEP_BIASES = ("none", "earlier", "later")
 SMALL_BASE_MAX_SIZE = 128  # bases at or below this resolution use the "builtin" profile
+MAX_SEED = 2**63 - 1  # validation images are sampled with the job's seed, which gen's sampler takes up to here
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -43,7 +44,7 @@ class TrainConfig:
     # what is learned
     rank: int = _opt(8, "LoRA rank")
     alpha: float | None = _opt(None, "LoRA alpha; the update is scaled by alpha/rank (default: the rank)")
-    dropout: float = _opt(0.0, "dropout on the LoRA input")
+    dropout: float = _opt(0.0, "dropout on the LoRA input (masks seeded by the job's seeds; users trained together share the draws)")
     unet_targets: tuple[str, ...] = _opt(UNET_TARGETS, "UNet modules that get LoRA (comma-separated name suffixes)")
     text_encoder_lora: bool = _opt(False, "also train LoRA on the text encoder(s)")
     text_targets: tuple[str, ...] = _opt(TEXT_TARGETS, "text-encoder modules that get LoRA (comma-separated)")
@@ -182,8 +183,25 @@ def resolve_config(base, preset: str = "balanced", **overrides: Any) -> TrainCon
         text_targets=_names(cfg.text_targets),
     )
     _check(cfg, base)
+    _warn_if_ignored(cfg, overrides, preset)
     _warn_if_not_served(cfg, base)
     return cfg
+
+
+# Options that only act through a switch: set while it is off, they would be ignored without a word.
+NEEDS_SWITCH = {
+    "num_new_tokens": "new_token", "token_lr": "new_token", "token_retract": "new_token",
+    "text_targets": "text_encoder_lora", "text_lr": "text_encoder_lora",
+    "prior_weight": "prior_preservation", "prior_distill": "prior_preservation", "num_class_images": "prior_preservation",
+    "class_prompt": "prior_preservation", "class_image_steps": "prior_preservation",
+}
+
+
+def _warn_if_ignored(cfg: TrainConfig, overrides: dict[str, Any], preset: str) -> None:
+    for name, switch in NEEDS_SWITCH.items():
+        if name in overrides and not getattr(cfg, switch):
+            flag = switch.replace("_", "-")
+            warnings.warn(f"{name} has no effect: {switch} is off (in the {preset!r} preset or as set); turn it on with --{flag} / {switch}=True", stacklevel=3)
 
 
 def _warn_if_not_served(cfg: TrainConfig, base) -> None:
@@ -247,6 +265,7 @@ def _check(cfg: TrainConfig, base) -> None:
         need(getattr(cfg, name) >= 1, f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("warmup_steps", "validation_every", "checkpoint_every", "seed"):
         need(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
+    need(cfg.seed <= MAX_SEED, f"seed must be at most {MAX_SEED}, got {cfg.seed}")
     for name in ("lr", "text_lr", "token_lr", "loraplus_lr_ratio", "max_grad_norm"):
         need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
     need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")

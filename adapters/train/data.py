@@ -29,7 +29,7 @@ from PIL import Image
 
 from adapters.data import Example, ImageLimits, ImageSource, fill, load_images, make_examples
 from adapters.registry.names import validate_name
-from adapters.train.config import TrainConfig
+from adapters.train.config import MAX_SEED, TrainConfig
 from adapters.validate import check_text
 from gen.adapter import LoraAdapter
 from gen.base import Base
@@ -111,14 +111,16 @@ def prepare_jobs(jobs: Sequence[TrainJob], cfg: TrainConfig, limits: ImageLimits
         else:
             tokens, trigger = (), cfg.trigger or DEFAULT_TRIGGER
         check_text("trigger", trigger)
+        if trigger.strip().casefold() == job.class_word.strip().casefold():  # the prior would hold the subject to the class
+            raise InvalidRequest(f"{job.user}/{job.concept}: the trigger {trigger!r} is the class word; pick a rare word (e.g. 'sks') to name the subject")
         images = load_images(job.images, limits)
         examples = make_examples(images, cfg.resolution, trigger, job.class_word, job.captions)
         class_prompt = fill(cfg.class_prompt or "a {class_word}", "class_prompt", class_word=job.class_word)
         if cfg.validation_prompt:
             fill(cfg.validation_prompt, "validation_prompt", trigger=trigger, class_word=job.class_word)
         seed = cfg.seed if job.seed is None else job.seed
-        if seed < 0:  # numpy's generators refuse it, which would stop the run after the class images
-            raise InvalidRequest(f"{job.user}/{job.concept}: seed must be >= 0, got {seed}")
+        if not 0 <= seed <= MAX_SEED:  # numpy refuses < 0 and torch >= 2**64: either would stop the run after the class images
+            raise InvalidRequest(f"{job.user}/{job.concept}: seed must be between 0 and {MAX_SEED}, got {seed}")
         prepared.append(PreparedJob(job, examples, trigger, tokens, class_prompt, seed))
     return prepared
 
@@ -316,7 +318,8 @@ class TrainingData:
             captions = [fit(e.caption) for e in job.examples]
             class_caption = fit(job.class_prompt)
             # a caption that was only the trigger leaves nothing: the class prompt stands in, never the empty prompt
-            context = [" ".join(c.replace(job.trigger, " ").split()) or class_caption for c in captions]
+            alone = re.compile(rf"(?<!\w){re.escape(job.trigger)}(?!\w)")  # the word, not its letters in "dotted" (trigger "ted")
+            context = [" ".join(alone.sub(" ", c).split()) or class_caption for c in captions]
             self.users.append(_UserData(mean, std, captions, time_ids, class_mean, class_std, class_caption, job.seed, context))
 
     def captions(self) -> list[str]:

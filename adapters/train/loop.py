@@ -22,17 +22,20 @@ A non-finite loss (seen by every process, since losses are gathered) stops train
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -84,6 +87,7 @@ class TrainResult:
     loss_curve: list[float]  # per optimizer step, averaged over processes and micro-steps
     metrics: dict[str, float]  # timing, loss summary and curve, and the job's evaluate() numbers
     data_fingerprints: tuple[str, ...]
+    seed: int  # the job's own seed (a job may override the config's)
 
 
 def train_adapters(
@@ -117,7 +121,7 @@ def train_adapters(
         seeds=tuple(job.seed for job in prepared),
     )
     try:
-        with attach(base, spec) as lora:
+        with attach(base, spec) as lora, _seeded_global_rng(base, prepared):
             curves, loop_seconds = _train(base, lora, prepared, class_sets, cfg, accelerator, run_dir, report, on_validation)
             results = [_result(base, lora, k, job, cfg, curves[k]) for k, job in enumerate(prepared)]
             trained = time.perf_counter()
@@ -131,6 +135,20 @@ def train_adapters(
     for result in results:  # train: everything up to the adapters (not evaluation); loop: the steps alone
         result.metrics.update(train_seconds=trained - started, loop_seconds=loop_seconds, users_in_job=float(len(prepared)))
     return results
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(base: Base, jobs: Sequence[PreparedJob]) -> Iterator[None]:
+    """torch's global generator seeded from the jobs' seeds for the run, the caller's restored after.
+
+    Batches, noise and LoRA init draw from generators of their own; what draws from the global one is
+    LoRA dropout (peft's ``nn.Dropout``), so without this equal seeds gave different adapters whenever
+    dropout was on. Checkpoints save and restore this state, so a resumed run draws the same masks.
+    """
+    devices = [base.device.index or 0] if base.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(np.random.SeedSequence([job.seed for job in jobs]).generate_state(1, np.uint64)[0]))
+        yield
 
 
 def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, report, on_validation) -> tuple[list[list[float]], float]:
@@ -179,7 +197,8 @@ def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerat
             per_row = per_row * _min_snr_weights(scheduler, batch.timesteps, cfg.min_snr_gamma, prediction)
         return torch.zeros(len(jobs), device=per_row.device).index_add(0, batch.users.to(per_row.device), per_row * batch.weights.to(per_row.device))
 
-    start, curves = _resume(accelerator, run_dir, cfg, len(jobs))
+    identity = run_identity(base, jobs, cfg)
+    start, curves = _resume(accelerator, run_dir, identity, cfg, len(jobs))
     view = lora.view(base)
     lora.train(True)
     loop_started = time.perf_counter()
@@ -194,7 +213,7 @@ def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerat
                 losses = user_losses(batch)
                 seen = accelerator.gather(losses.detach()[None]).mean(dim=0).cpu()  # every process sees every loss
                 if not torch.isfinite(seen).all():
-                    raise TrainingDiverged(_diverged_message(step, seen, run_dir, jobs))
+                    raise _diverged(accelerator, step, seen, run_dir, jobs)
                 accelerator.backward(losses.sum())
                 if accelerator.sync_gradients:
                     accelerator.unscale_gradients()
@@ -211,12 +230,17 @@ def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerat
             curves[k].append(float(step_loss[k]))
         done = step + 1
         if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            _save_checkpoint(accelerator, run_dir, done, curves, cfg.keep_checkpoints)
+            _save_checkpoint(accelerator, run_dir, identity, done, curves, cfg.keep_checkpoints)
         if on_validation is not None and cfg.validation_every and done % cfg.validation_every == 0 and accelerator.is_main_process:
             _validate(view, lora, jobs, cfg, done, accelerator, on_validation)
         if report is not None:  # last: a callback that raises (a cancelled job) leaves this step checkpointed
             report(done, cfg.steps, {"phase": "train", "loss": float(step_loss.mean()), "lr": cfg.lr * lr_scale, "users": len(jobs)})
     lora.train(False)
+    probe = data.batch(cfg.steps, 0, accelerator.process_index)  # the last update is checked too: it is what gets registered
+    with torch.no_grad(), lora.rows(probe.users.tolist()):
+        seen = accelerator.gather(user_losses(probe)[None]).mean(dim=0).cpu()
+    if not torch.isfinite(seen).all():
+        raise _diverged(accelerator, cfg.steps, seen, run_dir, jobs)
     if ema is not None:  # the average is what gets evaluated and saved
         ema.copy_to(every_param)
     return curves, time.perf_counter() - loop_started
@@ -255,11 +279,20 @@ def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, predictio
     return clipped
 
 
-def _diverged_message(step: int, losses: torch.Tensor, run_dir: Path, jobs: Sequence[PreparedJob]) -> str:
+def _diverged(accelerator: Accelerator, step: int, losses: torch.Tensor, run_dir: Path, jobs: Sequence[PreparedJob]) -> TrainingDiverged:
+    """The error for a non-finite loss at 0-based ``step``, after removing the checkpoints it makes suspect.
+
+    That loss came from the weights after ``step`` updates, which checkpoint ``step`` holds: the last
+    good checkpoint is an earlier one, and a resume must not start from the bad one.
+    """
+    if accelerator.is_main_process:
+        for path, saved in _checkpoints(run_dir):
+            if saved >= step:
+                _remove_checkpoint(path)
     bad = [f"{job.name}: {float(v)}" for job, v in zip(jobs, losses) if not math.isfinite(float(v))]
-    last = _latest_checkpoint(run_dir, math.inf)
-    kept = f"the last good checkpoint is {last[0]} (step {last[1]})" if last else "no checkpoint was saved (set checkpoint_every to keep one)"
-    return f"training diverged at step {step + 1} (loss {', '.join(bad)}); {kept}; try a lower learning rate"
+    last = _latest_checkpoint(run_dir, step - 1)
+    kept = f"the last good checkpoint is {last[0]} (step {last[1]})" if last else "no good checkpoint was saved (set checkpoint_every to keep one)"
+    return TrainingDiverged(f"training diverged at step {step + 1} (loss {', '.join(bad)}); {kept}; try a lower learning rate")
 
 
 # --- validation and evaluation ------------------------------------------------------------------
@@ -272,7 +305,7 @@ def _validate(view: Base, lora: Attachment, jobs: Sequence[PreparedJob], cfg: Tr
         caption = job.examples[0].caption  # already filled: a class word like "{x}" must not be read as a placeholder
         prompt = fill(cfg.validation_prompt, "validation_prompt", trigger=job.trigger, class_word=job.job.class_word) if cfg.validation_prompt else caption
         with lora.using(k), accelerator.autocast():
-            images = sampler.generate(prompt, num_images=cfg.num_validation_images, seed=cfg.seed).images
+            images = sampler.generate(prompt, num_images=cfg.num_validation_images, seed=job.seed).images
         callback(Validation(step, job.job.user, job.job.concept, prompt, images))
     lora.train(True)
 
@@ -311,21 +344,27 @@ def _result(base: Base, lora: Attachment, k: int, job: PreparedJob, cfg: TrainCo
         lo, hi = len(curve) * i // LOSS_POINTS, len(curve) * (i + 1) // LOSS_POINTS
         if hi > lo:
             metrics[f"loss/step_{hi:06d}"] = sum(curve[lo:hi]) / (hi - lo)
-    return TrainResult(adapter, job.job, curve, metrics, tuple(e.sha256 for e in job.examples))
+    return TrainResult(adapter, job.job, curve, metrics, tuple(e.sha256 for e in job.examples), job.seed)
 
 
 # --- checkpoints --------------------------------------------------------------------------------
 
 
-def default_run_dir(base: Base, jobs: Sequence[PreparedJob], cfg: TrainConfig) -> Path:
-    """A folder named by everything that decides the weights except the step count, so a rerun resumes."""
+def run_identity(base: Base, jobs: Sequence[PreparedJob], cfg: TrainConfig) -> str:
+    """A hash of everything that decides the weights except the step count: checkpoints of another identity
+    are another run's, never resumed from (an ``output_dir`` may hold one)."""
     settle = {"steps", "validation_every", "validation_prompt", "num_validation_images", "checkpoint_every", "keep_checkpoints", "output_dir", "resume"}
     identity = {
         "base": base.fingerprint,
         "config": {k: v for k, v in cfg.to_record().items() if k not in settle},
         "jobs": [[j.job.user, j.job.concept, j.seed, [[e.sha256, e.caption] for e in j.examples], j.class_prompt] for j in jobs],
     }
-    return cache_dir() / "train" / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_run_dir(base: Base, jobs: Sequence[PreparedJob], cfg: TrainConfig) -> Path:
+    """A folder named by the run's identity, so a rerun of the same job resumes."""
+    return cache_dir() / "train" / run_identity(base, jobs, cfg)
 
 
 def _register_checkpoint_hooks(accelerator: Accelerator) -> None:
@@ -354,13 +393,24 @@ def _register_checkpoint_hooks(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(load)
 
 
+def _read_state(path: Path) -> dict | None:
+    """A checkpoint's state, or None while it is incomplete (no state file yet, or one cut short by a kill)."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("step"), int) else None
+
+
 def _checkpoints(run_dir: Path) -> list[tuple[Path, int]]:
     """Complete checkpoints, oldest first."""
-    found = []
-    for path in run_dir.glob("checkpoint-*"):
-        if (path / STATE_FILE).is_file():
-            found.append((path, json.loads((path / STATE_FILE).read_text())["step"]))
+    found = [(path, state["step"]) for path in run_dir.glob("checkpoint-*") if (state := _read_state(path)) is not None]
     return sorted(found, key=lambda c: c[1])
+
+
+def _remove_checkpoint(path: Path) -> None:
+    (path / STATE_FILE).unlink(missing_ok=True)  # first: a half-removed folder must never look complete
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _latest_checkpoint(run_dir: Path, max_step: float) -> tuple[Path, int] | None:
@@ -368,23 +418,43 @@ def _latest_checkpoint(run_dir: Path, max_step: float) -> tuple[Path, int] | Non
     return usable[-1] if usable else None
 
 
-def _save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, curves: list[list[float]], keep: int) -> None:
+def _save_checkpoint(accelerator: Accelerator, run_dir: Path, identity: str, step: int, curves: list[list[float]], keep: int) -> None:
     path = run_dir / f"checkpoint-{step:06d}"
     accelerator.save_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (path / STATE_FILE).write_text(json.dumps({"step": step, "loss_curves": curves}))
+        tmp = path / f".{STATE_FILE}.tmp"  # written whole, then renamed: a kill mid-write leaves no half state
+        tmp.write_text(json.dumps({"step": step, "run": identity, "loss_curves": curves}))
+        os.replace(tmp, path / STATE_FILE)
         for old, _ in _checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
     accelerator.wait_for_everyone()
 
 
-def _resume(accelerator: Accelerator, run_dir: Path, cfg: TrainConfig, users: int) -> tuple[int, list[list[float]]]:
-    """(first step, loss curves so far): from the latest checkpoint when resuming, else (0, empty)."""
-    latest = _latest_checkpoint(run_dir, cfg.steps) if cfg.resume and run_dir.is_dir() else None
+def _resume(accelerator: Accelerator, run_dir: Path, identity: str, cfg: TrainConfig, users: int) -> tuple[int, list[list[float]]]:
+    """(first step, loss curves so far): from the latest checkpoint of this run when resuming, else (0, empty).
+
+    Without resume an earlier run's checkpoints are removed (they would outrank this run's in rotation
+    and in the next resume); with it, a checkpoint of another run in the folder is refused, never mixed in.
+    """
+    if not run_dir.is_dir():
+        return 0, [[] for _ in range(users)]
+    if not cfg.resume:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for path, _ in _checkpoints(run_dir):
+                _remove_checkpoint(path)
+        accelerator.wait_for_everyone()
+        return 0, [[] for _ in range(users)]
+    latest = _latest_checkpoint(run_dir, cfg.steps)
     if latest is None:
         return 0, [[] for _ in range(users)]
     path, step = latest
+    state = _read_state(path)
+    if state.get("run") != identity:
+        raise BespokeError(
+            f"{path} is a checkpoint of another training run (other photos, options or users); "
+            "give another output folder, remove it, or set resume off to start over there"
+        )
     accelerator.load_state(str(path))
-    curves = json.loads((path / STATE_FILE).read_text())["loss_curves"]
-    return step, [list(c) for c in curves]
+    return step, [list(c) for c in state["loss_curves"]]
