@@ -377,17 +377,21 @@ def _overlap(p: torch.Tensor, q: torch.Tensor) -> tuple[float, float]:
     return float((cosines**2).sum() / k), float(cosines[0])
 
 
+def _finite(adapter: LoraAdapter, module: str) -> bool:
+    return all(bool(torch.isfinite(adapter.tensors[module + suffix]).all()) for suffix in (_A, _B))
+
+
 def subspace_overlap(first: LoraAdapter, second: LoraAdapter, config: DiagnosticsConfig = DiagnosticsConfig()) -> OverlapReport:
     """Principal angles between the two adapters' updates on every layer both touch."""
     mods_a, mods_b = set(lora_modules(first)), set(lora_modules(second))
     shared = sorted(mods_a & mods_b)
     layers = []
     for module in shared:
+        if not (_finite(first, module) and _finite(second, module)):  # before the SVD, which fails to converge on them
+            raise DiagnosticsError(f"{module}: an adapter holds NaN or infinite values")
         fa, fb = factor(first, module), factor(second, module)
         if fa.shape != fb.shape:
             raise DiagnosticsError(f"{module}: the adapters' updates differ in shape ({fa.shape} vs {fb.shape}); were they made for the same base?")
-        if not (torch.isfinite(fa.s).all() and torch.isfinite(fb.s).all()):
-            raise DiagnosticsError(f"{module}: an adapter holds NaN or infinite values")
         (ca, ra), (cb, rb) = _basis(fa, config.rank_tolerance), _basis(fb, config.rank_tolerance)
         column, max_cos = _overlap(ca, cb)
         row, _ = _overlap(ra, rb)

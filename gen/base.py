@@ -33,6 +33,8 @@ PIPELINE_FAMILIES: dict[str, tuple[str, type[DiffusionPipeline]]] = {
 # Components whose weights an adapter attaches to or feeds (its fingerprint), then every weighted one, in a fixed order.
 ADAPTED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 WEIGHTED_COMPONENTS = (*ADAPTED_COMPONENTS, "vae")
+# The weight-file stem each component's loader asks for: diffusers models, then transformers' text encoders.
+_WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model"}
 BUILTIN_BASE_DIR = BUILTIN_DIR / "base"
 DEFAULTS_FILE = "bespoke.json"
 
@@ -137,15 +139,39 @@ def load_base(
     if pipeline_cls is None:
         _family_of(class_name, source)  # raises with the supported list
 
+    defaults = _read_defaults(folder)  # before the weights: a bad file fails in a moment, not after a long load
     extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
     with _quiet_hf():
         try:
             pipe = pipeline_cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True, **extra)
+            _check_loaded(pipe, folder)
+            pipe.to(device)
         except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as e:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BaseLoadError(f"cannot load the pipeline in {folder}: {first_line}") from e
-    pipe.to(device)
-    return Base(pipe=pipe, family=family, source=source, folder=folder, device=device, dtype=dtype, defaults=_read_defaults(folder))
+    return Base(pipe=pipe, family=family, source=source, folder=folder, device=device, dtype=dtype, defaults=defaults)
+
+
+def _check_loaded(pipe: DiffusionPipeline, folder: Path) -> None:
+    """Refuse a pipeline that loaded but cannot run, before its first step fails with a cryptic error.
+
+    A weight file missing a tensor leaves that parameter on the meta device (moving it then fails
+    with "Cannot copy out of meta tensor"); an inpainting or image-to-image UNet takes extra input
+    channels beside the latents, which text-to-image sampling never supplies.
+    """
+    for component in WEIGHTED_COMPONENTS:
+        module = getattr(pipe, component, None)
+        if module is None:
+            continue
+        for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+            if tensor.is_meta:
+                raise BaseLoadError(f"cannot load the pipeline in {folder}: {component} weight {name} is missing from its weight file")
+    unet_channels, latent_channels = pipe.unet.config.in_channels, pipe.vae.config.latent_channels
+    if unet_channels != latent_channels:
+        raise BaseLoadError(
+            f"{folder} holds a UNet with {unet_channels} input channels for {latent_channels}-channel latents "
+            "(an inpainting or image-to-image model?); only text-to-image bases are supported"
+        )
 
 
 def _family_of(class_name: str, source: str) -> str:
@@ -176,10 +202,20 @@ def _looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(p and not p.startswith(".") for p in parts) and not source.startswith(("/", "~", "."))
 
 
+def _weight_patterns(component: str) -> list[str]:
+    name = _WEIGHT_NAMES[component]
+    return [f"{component}/{name}.safetensors", f"{component}/{name}-?????-of-?????.safetensors"]
+
+
+# What load_base reads, and no more: SD repos also ship fp16/non-EMA variants, root single-file
+# checkpoints and a safety checker, several gigabytes that would never be loaded.
+_HUB_PATTERNS = ["*.json", "*/*.txt", "*/*.model", *(p for c in WEIGHTED_COMPONENTS for p in _weight_patterns(c))]
+
+
 def _hub_snapshot(repo_id: str, allow_network: bool) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.txt", "*.safetensors", "*.model"]
+    patterns = _HUB_PATTERNS
     try:
         with _quiet_hf():
             return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
@@ -195,23 +231,43 @@ def _hub_snapshot(repo_id: str, allow_network: bool) -> Path:
         raise BaseLoadError(f"cannot download {repo_id}: {str(e).splitlines()[0]}") from e
 
 
+def _read_json_object(path: Path) -> dict:
+    """A JSON object from a file the user supplied; anything else is their folder's fault, said in one line."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise BaseLoadError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise BaseLoadError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
 def _read_model_index(folder: Path) -> dict:
     index = folder / "model_index.json"
     if not index.is_file():
         raise BaseLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    try:
-        return json.loads(index.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BaseLoadError(f"{index} is not valid JSON: {e}") from e
+    data = _read_json_object(index)
+    if not isinstance(data.get("_class_name", ""), str):
+        raise BaseLoadError(f"{index}: _class_name must be a string")
+    return data
 
 
 def _read_defaults(folder: Path) -> SamplingDefaults:
+    """The folder's ``bespoke.json`` sampling defaults, type-checked here so a bad one is blamed on the base, not on a request."""
     path = folder / DEFAULTS_FILE
     if not path.is_file():
         return SamplingDefaults()
-    known = SamplingDefaults.__dataclass_fields__
-    data = json.loads(path.read_text()).get("sampling", {})
-    return SamplingDefaults(**{k: v for k, v in data.items() if k in known})
+    data = _read_json_object(path).get("sampling", {})
+    if not isinstance(data, dict):
+        raise BaseLoadError(f"{path}: 'sampling' must be an object, not {type(data).__name__}")
+    defaults = SamplingDefaults()
+    known = {k: v for k, v in data.items() if k in SamplingDefaults.__dataclass_fields__}
+    for key, value in known.items():
+        expected = type(getattr(defaults, key))
+        numeric = (int, float) if expected is float else expected
+        if not isinstance(value, numeric) or (isinstance(value, bool) and expected is not bool):
+            raise BaseLoadError(f"{path}: sampling.{key} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    return SamplingDefaults(**{k: float(v) if isinstance(getattr(defaults, k), float) else v for k, v in known.items()})
 
 
 class _quiet_hf:
@@ -274,7 +330,22 @@ def fingerprint_pipeline(pipe: DiffusionPipeline, family: str) -> Fingerprints:
 
 
 def _weight_files(folder: Path, component: str) -> list[Path]:
-    return sorted((folder / component).glob("*.safetensors"))
+    """The files ``from_pretrained`` (no variant) reads for a component, so extra files cannot change a fingerprint.
+
+    Hub repos keep variants beside the weights (``model.fp16.safetensors``, ``*.non_ema.safetensors``)
+    that are never loaded. A sharded component is read through its index; diffusers tries the
+    index before the single file, transformers the single file first, and this follows each.
+    """
+    directory, name = folder / component, _WEIGHT_NAMES[component]
+    single, index = directory / f"{name}.safetensors", directory / f"{name}.safetensors.index.json"
+    if single.is_file() and not (name == "diffusion_pytorch_model" and index.is_file()):
+        return [single]
+    if not index.is_file():
+        return []
+    weight_map = _read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and Path(v).name == v for v in weight_map.values()):
+        raise BaseLoadError(f"{index} has no valid weight_map (file names in the folder)")
+    return sorted({directory / shard for shard in weight_map.values()})
 
 
 def fingerprint_folder(folder: str | os.PathLike) -> Fingerprints:

@@ -62,6 +62,11 @@ def merge_adapters(
     return replace(primary, tensors=tensors, rank=rank, alpha=float(rank), target_modules=targets)
 
 
+def _relative(similarity: float, real: float) -> float:
+    """``similarity`` relative to real vs real, 0 when that is not positive (featureless references), as subject_fidelity does."""
+    return similarity / real if real > 0 else 0.0
+
+
 def composition_metrics(
     references: Mapping[str, Images],
     embedder: Embedder,
@@ -80,14 +85,14 @@ def composition_metrics(
     joint_fidelity = {}
     for x, y in ((x_name, y_name), (y_name, x_name)):
         rvr = real_vs_real(references[x], embedder)
-        joint_fidelity[x] = mean_similarity(joint, references[x], embedder) / rvr
+        joint_fidelity[x] = _relative(mean_similarity(joint, references[x], embedder), rvr)
         out[f"{x}/joint_fidelity"] = joint_fidelity[x]
         out[f"{x}/real_cross_similarity"] = mean_similarity(references[x], references[y], embedder)
         if solo is not None and composed is not None:
             solo_cross = mean_similarity(solo[x], references[y], embedder)
             composed_cross = mean_similarity(composed[x], references[y], embedder)
-            solo_fidelity = mean_similarity(solo[x], references[x], embedder) / rvr
-            composed_fidelity = mean_similarity(composed[x], references[x], embedder) / rvr
+            solo_fidelity = _relative(mean_similarity(solo[x], references[x], embedder), rvr)
+            composed_fidelity = _relative(mean_similarity(composed[x], references[x], embedder), rvr)
             out.update({
                 f"{x}/solo_fidelity": solo_fidelity,
                 f"{x}/composed_fidelity": composed_fidelity,

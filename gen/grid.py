@@ -20,6 +20,14 @@ def _wrap(text: str, width_px: int, font) -> list[str]:
     return lines + ([line] if line else [])
 
 
+def _check_layout(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] | None) -> None:
+    """Refuse a grid with nothing to show, or labels that do not pair one to one with rows (it would mislabel)."""
+    if not any(len(row) for row in rows):
+        raise ValueError("make_grid needs at least one image")
+    if row_labels is not None and len(row_labels) != len(rows):
+        raise ValueError(f"make_grid got {len(row_labels)} row labels for {len(rows)} rows")
+
+
 def make_grid(
     rows: Sequence[Sequence[Image.Image]],
     *,
@@ -29,6 +37,7 @@ def make_grid(
     title: str | None = None,
 ) -> Image.Image:
     """Lay ``rows`` of images out on a white sheet, upscaled to ``cell`` pixels, with wrapped labels."""
+    _check_layout(rows, row_labels)
     font = ImageFont.load_default(size=11)
     line_h = 13
     n_cols = max(len(r) for r in rows)

@@ -8,6 +8,7 @@ image file is its own receipt; a JSON sidecar lists a whole batch.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,14 @@ from PIL import Image, PngImagePlugin
 from gen.errors import InvalidRequest
 
 PNG_KEY = "bespoke-provenance"
+MAX_RECORD_CHARS = 256 * 1024  # a record is a prompt plus a few hundred bytes; anything far larger was not written here
+
+# The fields a record must carry and the JSON types each may hold: a replay feeds them straight to the sampler.
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "base": (str,), "base_fingerprint": (str,), "prompt": (str,), "negative_prompt": (str, type(None)),
+    "seed": (int,), "scheduler": (str,), "steps": (int,), "guidance_scale": (int, float), "height": (int,), "width": (int,),
+}
+_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"adapters": (list,), "user": (str, type(None)), "package_version": (str,)}
 
 
 @dataclass(frozen=True)
@@ -42,9 +51,20 @@ class Provenance:
 
     @classmethod
     def from_dict(cls, data: dict) -> Provenance:
-        known = cls.__dataclass_fields__
-        clean = {k: v for k, v in data.items() if k in known}
-        clean["adapters"] = tuple(clean.get("adapters", ()))
+        """A record read back from a file, checked field by field: an image's text chunk is anyone's to write."""
+        if not isinstance(data, dict):
+            raise InvalidRequest(f"provenance must be a JSON object, not {type(data).__name__}")
+        for name, types in (*_FIELDS.items(), *_OPTIONAL_FIELDS.items()):
+            if name not in data and name in _OPTIONAL_FIELDS:
+                continue
+            if name not in data:
+                raise InvalidRequest(f"provenance has no {name!r}")
+            _check_type(name, data[name], types)
+        if not math.isfinite(data["guidance_scale"]):
+            raise InvalidRequest(f"provenance field 'guidance_scale' must be finite, got {data['guidance_scale']!r}")
+        clean = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        clean["guidance_scale"] = float(clean["guidance_scale"])
+        clean["adapters"] = tuple(_check_adapter(i, a) for i, a in enumerate(clean.get("adapters", ())))
         return cls(**clean)
 
     def generate_kwargs(self) -> dict:
@@ -71,6 +91,26 @@ class Provenance:
         )
 
 
+def _check_type(name: str, value: object, types: tuple[type, ...]) -> None:
+    """``value`` is one of ``types``; a bool is never a number (JSON's true is not a seed)."""
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise InvalidRequest(f"provenance field {name!r} must be {expected}, got {type(value).__name__} {value!r:.60}")
+
+
+def _check_adapter(index: int, adapter: object) -> dict:
+    """One adapter entry: a concept name, an optional whole version, and a weight where a style needs one."""
+    name = f"adapters[{index}]"
+    _check_type(name, adapter, (dict,))
+    _check_type(f"{name}.concept", adapter.get("concept"), (str,))
+    for key, types in (("kind", (str,)), ("user", (str, type(None))), ("version", (int, str, type(None))), ("weight", (int, float))):
+        if key in adapter:
+            _check_type(f"{name}.{key}", adapter[key], types)
+    if adapter.get("kind") == "style" and "weight" not in adapter:
+        raise InvalidRequest(f"provenance field '{name}.weight' is missing for a style")
+    return adapter
+
+
 def _package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -92,9 +132,18 @@ def save_png(image: Image.Image, provenance: Provenance, path: str | os.PathLike
 
 
 def read_provenance(path: str | os.PathLike) -> Provenance:
-    """Read the provenance back from a PNG written by :func:`save_png`."""
-    with Image.open(path) as im:
-        text = im.text.get(PNG_KEY) if hasattr(im, "text") else None
+    """Read the provenance back from a PNG written by :func:`save_png`; anything else raises :class:`InvalidRequest`."""
+    try:
+        with Image.open(path) as im:
+            text = im.text.get(PNG_KEY) if hasattr(im, "text") else None
+    except (OSError, ValueError) as e:  # not an image, or a text chunk past Pillow's decompression cap
+        raise InvalidRequest(f"cannot read provenance from {path}: {e}") from e
     if text is None:
         raise InvalidRequest(f"{path} carries no bespoke provenance")
-    return Provenance.from_dict(json.loads(text))
+    if len(text) > MAX_RECORD_CHARS:
+        raise InvalidRequest(f"{path}: provenance of {len(text)} characters is too large to be a record (at most {MAX_RECORD_CHARS})")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:  # ValueError covers JSONDecodeError and over-long integers
+        raise InvalidRequest(f"{path}: provenance is not valid JSON: {e}") from e
+    return Provenance.from_dict(data)

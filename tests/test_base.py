@@ -68,6 +68,116 @@ def test_a_swapped_vae_keeps_the_adapters_fingerprint_and_changes_the_weights_on
     assert original.fingerprints.weights not in swapped.fingerprints
 
 
+def _copy(tiny_sd_dir, tmp_path, name: str = "copy"):
+    copy = tmp_path / name
+    shutil.copytree(tiny_sd_dir, copy)
+    return copy
+
+
+def test_variant_files_beside_the_weights_do_not_change_the_fingerprint(tiny_sd_dir, tmp_path):
+    """Hub repos ship fp16 and non-EMA variants the loader never reads; adapters must still fit the base."""
+    copy = _copy(tiny_sd_dir, tmp_path)
+    for component, name in [("unet", "diffusion_pytorch_model"), ("text_encoder", "model"), ("vae", "diffusion_pytorch_model")]:
+        tensors = load_file(copy / component / f"{name}.safetensors")
+        save_file({k: v.half() for k, v in tensors.items()}, copy / component / f"{name}.fp16.safetensors")
+        save_file({k: v + 1 for k, v in tensors.items()}, copy / component / f"{name}.non_ema.safetensors")
+    save_file({"x": torch.zeros(2)}, copy / "v1-5-pruned.safetensors")
+    base = load_base(copy)
+    assert fingerprint_folder(copy) == fingerprint_folder(tiny_sd_dir)
+    assert base.fingerprints == Base.from_pipeline(base.pipe).fingerprints  # what the loader read is what was hashed
+
+
+def test_a_sharded_component_is_fingerprinted_through_its_index(tiny_sd_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    copy = _copy(tiny_sd_dir, tmp_path)
+    unet = UNet2DConditionModel.from_pretrained(copy / "unet")
+    (copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    unet.save_pretrained(copy / "unet", max_shard_size="100KB")
+    assert len(list((copy / "unet").glob("diffusion_pytorch_model-*-of-*.safetensors"))) > 1
+    save_file({"conv_in.weight": torch.zeros(1)}, copy / "unet" / "diffusion_pytorch_model-00001-of-00002.fp16.safetensors")
+    assert load_base(copy).fingerprints == fingerprint_folder(tiny_sd_dir) == fingerprint_folder(copy)
+
+
+def test_hub_downloads_only_what_the_loader_reads(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from gen.base import _hub_snapshot
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, allow_patterns, **kw: asked.append(allow_patterns) or str(tmp_path))
+    _hub_snapshot("org/model", allow_network=False)
+    repo = [
+        "model_index.json", "v1-5-pruned.safetensors", "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json",
+        "scheduler/scheduler_config.json", "tokenizer/merges.txt", "tokenizer/vocab.json", "text_encoder/config.json",
+        "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors", "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model-00001-of-00002.fp16.safetensors", "unet/diffusion_pytorch_model.safetensors.index.json",
+        "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]
+    fetched = set(filter_repo_objects(repo, allow_patterns=asked[0]))
+    weights = {"text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+               "unet/diffusion_pytorch_model-00001-of-00002.safetensors"}
+    assert {f for f in fetched if f.endswith(".safetensors")} == weights
+    assert {f for f in repo if not f.endswith(".safetensors")} <= fetched  # configs, tokenizer, index
+
+
+def test_a_weight_missing_from_a_component_is_refused_by_name(tiny_sd_dir, tmp_path):
+    copy = _copy(tiny_sd_dir, tmp_path)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["conv_out.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(BaseLoadError, match=r"unet weight conv_out\.weight is missing"):
+        load_base(copy)
+
+
+def test_an_inpainting_unet_is_refused_at_load(tmp_path):
+    """Converted inpainting checkpoints often say StableDiffusionPipeline; their 9-channel UNet would fail at the first step."""
+    from gen.tiny import TinyConfig, _unet
+
+    pipe, cfg = build_tiny_pipeline("sd"), TinyConfig()
+    pipe.unet = _unet(cfg, cross_attention_dim=cfg.cross_attention_dim, in_channels=9)
+    pipe.save_pretrained(tmp_path / "inpaint", safe_serialization=True)
+    with pytest.raises(BaseLoadError, match="9 input channels for 4-channel latents .*inpainting"):
+        load_base(tmp_path / "inpaint")
+
+
+@pytest.mark.parametrize("text, message", [("[1]", "must hold a JSON object, not list"), ("{oops", "is not valid JSON"),
+                                           ('{"_class_name": ["x"]}', "_class_name must be a string")])
+def test_a_malformed_model_index_is_a_load_error(tiny_sd_dir, tmp_path, text, message):
+    copy = _copy(tiny_sd_dir, tmp_path)
+    (copy / "model_index.json").write_text(text)
+    with pytest.raises(BaseLoadError, match=message):
+        load_base(copy)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"sampling": {"steps": 4,}}', "bespoke.json is not valid JSON"),
+    ('["x"]', "must hold a JSON object, not list"),
+    ('{"sampling": ["steps"]}', "'sampling' must be an object, not list"),
+    ('{"sampling": {"steps": "4"}}', "sampling.steps must be int, got str '4'"),
+    ('{"sampling": {"steps": true}}', "sampling.steps must be int, got bool"),
+    ('{"sampling": {"guidance_scale": "high"}}', "sampling.guidance_scale must be float"),
+    ('{"sampling": {"scheduler": 1}}', "sampling.scheduler must be str"),
+    ('{"sampling": {"stand_in": "yes"}}', "sampling.stand_in must be bool"),
+])
+def test_bad_sampling_defaults_are_blamed_on_the_base(tiny_sd_dir, tmp_path, text, message):
+    copy = _copy(tiny_sd_dir, tmp_path)
+    (copy / "bespoke.json").write_text(text)
+    with pytest.raises(BaseLoadError, match=message):
+        load_base(copy)
+
+
+def test_sampling_defaults_are_read_from_bespoke_json(tiny_sd_dir, tmp_path):
+    copy = _copy(tiny_sd_dir, tmp_path)
+    (copy / "bespoke.json").write_text(json.dumps({"sampling": {"steps": 4, "guidance_scale": 3, "unknown": 1}}))
+    defaults = load_base(copy).defaults
+    assert defaults.steps == 4 and defaults.guidance_scale == 3.0 and isinstance(defaults.guidance_scale, float)
+
+
 def test_dtype_override_is_applied(tiny_sd_dir):
     base = load_base(tiny_sd_dir, dtype="bf16")
     assert next(base.pipe.unet.parameters()).dtype == torch.bfloat16

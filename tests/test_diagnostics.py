@@ -121,6 +121,16 @@ def test_overlap_reports_layers_only_one_adapter_touches_and_refuses_mismatched_
         diagnose(first, {"unet.layer": torch.ones(3, 3)})
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_overlap_of_a_non_finite_adapter_is_a_diagnostics_error_not_an_svd_failure(bad):
+    b, a = update([1.0, 0.5], [0, 1], [0, 1])
+    broken = make(b, a.clone().fill_(bad))
+    with pytest.raises(DiagnosticsError, match="unet.layer: an adapter holds NaN or infinite values"):
+        subspace_overlap(broken, make(b, a))
+    with pytest.raises(DiagnosticsError, match="NaN or infinite"):
+        subspace_overlap(make(b, a), broken)
+
+
 def test_conv_lora_updates_are_read_as_matrices():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(2, 3, 3, 3, generator=g), torch.randn(5, 2, 1, 1, generator=g)

@@ -273,6 +273,17 @@ def test_composition_scores_each_concept_against_its_own_references(photos):
     assert m["robo/real_cross_similarity"] == pytest.approx(m["mugg/real_cross_similarity"], abs=1e-6)
 
 
+def test_composition_scores_a_featureless_reference_zero_as_subject_fidelity_does(photos):
+    """A featureless photo (a zero embedding) pulls real vs real to 0; the ratio is 0 there, never a ZeroDivisionError."""
+    emb = PixelEmbedder()
+    featureless = [CONSTANT, photos[0]]
+    assert real_vs_real(featureless, emb) == 0.0
+    m = composition_metrics({"blank": featureless, "robo": photos}, emb, photos[:1], solo={"blank": photos[:1], "robo": photos[:1]},
+                            composed={"blank": photos[:1], "robo": photos[:1]})
+    assert m["blank/joint_fidelity"] == m["blank/solo_fidelity"] == m["blank/composed_fidelity"] == 0.0
+    assert m["blank/joint_fidelity"] == subject_fidelity(photos[:1], featureless, emb)["subject_fidelity"]
+
+
 # --- judges from a local folder ---------------------------------------------------------------------
 
 

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -119,6 +121,57 @@ def test_a_raising_progress_callback_fails_only_its_own_request(sampler):
     assert np.abs(_pixels(out[0].images[0]) - _pixels(alone.images[0])).max() <= 1
     with pytest.raises(RuntimeError, match="client went away"):
         sampler.generate_many(requests)
+
+
+_GOOD_RECORD = dict(base="builtin", base_fingerprint="x", prompt="a robot", negative_prompt=None, seed=1, scheduler="ddim", steps=4,
+                    guidance_scale=7.5, height=64, width=64, adapters=[{"concept": "ink", "kind": "style", "weight": 0.5, "version": 2}], user=None)
+
+
+def _png_with_text(path, text: str):
+    from PIL import Image, PngImagePlugin
+
+    from gen.provenance import PNG_KEY
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_KEY, text)
+    Image.new("RGB", (4, 4)).save(path, pnginfo=info)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "provenance is not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "provenance is not valid JSON"),  # RecursionError in the decoder
+    ("[1, 2]", "must be a JSON object, not list"),
+    ('{"prompt": "x"}', "provenance has no 'base'"),
+    ('"x"' + " " * 300_000, "too large to be a record"),
+    (json.dumps({**_GOOD_RECORD, "seed": "1; rm"}), "'seed' must be int, got str"),
+    (json.dumps({**_GOOD_RECORD, "steps": True}), "'steps' must be int, got bool"),
+    (json.dumps({**_GOOD_RECORD, "height": 64.0}), "'height' must be int"),
+    (json.dumps({**_GOOD_RECORD, "guidance_scale": "high"}), "'guidance_scale' must be int or float"),
+    (json.dumps({**_GOOD_RECORD, "prompt": ["a"]}), "'prompt' must be str"),
+    (json.dumps({**_GOOD_RECORD, "adapters": "abc"}), "'adapters' must be list"),
+    (json.dumps({**_GOOD_RECORD, "adapters": None}), "'adapters' must be list"),
+    (json.dumps({**_GOOD_RECORD, "adapters": [1]}), "'adapters\\[0\\]' must be dict"),
+    (json.dumps({**_GOOD_RECORD, "adapters": [{"kind": "style"}]}), "'adapters\\[0\\].concept' must be str"),
+    (json.dumps({**_GOOD_RECORD, "adapters": [{"kind": "style", "concept": "w"}]}), "'adapters\\[0\\].weight' is missing"),
+    (json.dumps({**_GOOD_RECORD, "adapters": [{"concept": "w", "weight": "1"}]}), "'adapters\\[0\\].weight' must be int or float"),
+])
+def test_a_crafted_provenance_is_an_invalid_request_naming_the_field(tmp_path, text, message):
+    with pytest.raises(InvalidRequest, match=message):
+        read_provenance(_png_with_text(tmp_path / "crafted.png", text)).generate_kwargs()
+
+
+def test_a_valid_provenance_record_replays(tmp_path):
+    prov = read_provenance(_png_with_text(tmp_path / "ok.png", json.dumps(_GOOD_RECORD)))
+    kwargs = prov.generate_kwargs()
+    assert kwargs["seed"] == 1 and kwargs["style"] == "ink:0.5" and kwargs["versions"] == {"ink": 2}
+
+
+def test_a_file_that_is_not_an_image_has_no_provenance(tmp_path):
+    path = tmp_path / "x.png"
+    path.write_bytes(b"hello")
+    with pytest.raises(InvalidRequest, match="cannot read provenance"):
+        read_provenance(path)
 
 
 def test_png_without_provenance_is_reported(tmp_path):
