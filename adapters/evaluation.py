@@ -315,14 +315,15 @@ def evaluate_config(
     steps_list = sorted({int(s) for s in curve_steps}) if curve_steps else [None]
     if steps_list[0] is not None and steps_list[0] < 1:
         raise EvaluationError("curve steps must be positive")
+    samples = [Subject.sample(name, photos) for name in subjects]  # every name checked before the first (long) training run
     own_registry = registry is None
     work = Path(tempfile.mkdtemp(prefix="bespoke-eval-"))
     registry = registry if registry is not None else Registry(work / "registry")
     evaluations = []
     try:
-        for name in subjects:
+        for subject in samples:
+            name = subject.name
             started = time.perf_counter()
-            subject = Subject.sample(name, photos)
             class_word = world.CLASS_WORDS[subject.instance.cls]
             subject_judge = judge or load_judge(base, class_word)
             captions = world_captions(subject.references, class_word) if world_evaluator_applies(base, class_word) else None

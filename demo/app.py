@@ -10,6 +10,8 @@ Concurrency (Gradio runs every event in a queue; each event has a concurrency gr
   (:mod:`demo.jobs`), one job at a time, so a closed or refreshed page does not stop it.
 * ``watch``: following a job's progress (a generator that yields as the job changes), many at
   once; every page load starts one, which is how a refreshed page finds its running job again.
+  A watch holds its slot until the job ends, so each user keeps at most WATCHERS_PER_USER: a newer
+  watch ends the user's oldest, and one user's tabs (or a script) cannot take every slot.
 * ``generate``: several at once; the sampler batches concurrent requests into one pipeline call.
 * everything else (registry reads and writes) is quick and uses the queue's default limit.
 """
@@ -19,7 +21,10 @@ from __future__ import annotations
 import functools
 import html
 import inspect
+import itertools
 import os
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,11 +40,12 @@ from demo.jobs import JobState, JobStatus
 from demo.service import DemoService
 from demo.uploads import UploadRefused
 from gen import world
-from gen.errors import BespokeError
+from gen.errors import BespokeError, InvalidRequest
 from gen.sampler import SCHEDULERS
 
 GENERATE_CONCURRENCY = 4
 WATCH_CONCURRENCY = 32
+WATCHERS_PER_USER = 2  # a page and one more tab follow a job live; an older one stops updating
 WATCH_POLL_S = 1.0
 CSS = """
 .pixelated img { image-rendering: pixelated; }
@@ -122,6 +128,37 @@ def _job_outputs(status: JobStatus | None) -> tuple[str, pd.DataFrame, list[tupl
     return _job_markdown(status), _loss_frame(status.losses), images
 
 
+class Watchers:
+    """Which of a user's watches are live: starting one beyond ``per_user`` retires that user's oldest."""
+
+    def __init__(self, per_user: int = WATCHERS_PER_USER):
+        self.per_user = per_user
+        self._lock = threading.Lock()
+        self._tokens = itertools.count()
+        self._live: dict[str, deque[int]] = {}
+
+    def start(self, user: str) -> int:
+        with self._lock:
+            token = next(self._tokens)
+            live = self._live.setdefault(user, deque())
+            live.append(token)
+            while len(live) > self.per_user:
+                live.popleft()
+            return token
+
+    def live(self, user: str, token: int) -> bool:
+        with self._lock:
+            return token in self._live.get(user, ())
+
+    def stop(self, user: str, token: int) -> None:
+        with self._lock:
+            live = self._live.get(user)
+            if live is not None and token in live:
+                live.remove(token)
+                if not live:
+                    del self._live[user]
+
+
 def _theme() -> gr.themes.Base:
     """The default look with system fonts: the page loads nothing from outside the app (offline, private)."""
     return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -143,6 +180,8 @@ def build_app(service: DemoService) -> gr.Blocks:
 
     def user(request: gr.Request) -> str:
         return service.user_of(getattr(request, "username", None))
+
+    watchers = Watchers()
 
     with gr.Blocks(title="bespoke-diffusion", analytics_enabled=False) as demo:
         header = gr.Markdown()
@@ -242,22 +281,33 @@ def build_app(service: DemoService) -> gr.Blocks:
 
         @handler
         def watch(request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
-            """Follow the user's latest training job until it finishes (returns at once when there is none)."""
+            """Follow the user's latest training job until it finishes (returns at once when there is none).
+
+            Also returns, within WATCH_POLL_S, once the user has started WATCHERS_PER_USER newer watches.
+            """
             who = user(request)
             status = service.jobs.latest(who)
             if status is None:
                 yield _job_outputs(None)
                 return
-            revision = -1
-            while True:
-                status = service.jobs.wait(who, revision, WATCH_POLL_S)
-                if status.revision != revision:
-                    revision = status.revision
-                    if status.state is JobState.RUNNING and status.total:
-                        progress((status.step, status.total), desc=status.phase)
-                    yield _job_outputs(status)
-                if status.state.finished:
-                    return
+            token = watchers.start(who)
+            try:
+                revision = -1
+                while True:
+                    status = service.jobs.wait(who, revision, WATCH_POLL_S)
+                    if status.revision != revision:
+                        revision = status.revision
+                        if status.state is JobState.RUNNING and status.total:
+                            progress((status.step, status.total), desc=status.phase)
+                        yield _job_outputs(status)
+                    if status.state.finished:
+                        return
+                    if not watchers.live(who, token):
+                        text, curve, images = _job_outputs(status)
+                        yield text + " · *followed in your newer page; reload this one to follow it here*", curve, images
+                        return
+            finally:
+                watchers.stop(who, token)
 
         @handler
         def start(source_: str, subject_: str, n_: float, files: list[str] | None, concept_: str, class_word_: str, preset_: str, steps_: float | None, evaluate_: bool, request: gr.Request) -> str:
@@ -451,10 +501,16 @@ def launch(
         folder.mkdir(parents=True, exist_ok=True)
     demo = build_app(service)
     demo.queue(default_concurrency_limit=4, max_size=256)
-    demo.launch(
-        server_name=host, server_port=port, share=False, auth=users, auth_message="bespoke-diffusion: log in to see your concepts",
-        allowed_paths=[str(p) for p in allowed], max_file_size=service.settings.limits.upload_cap_bytes,
-        app_kwargs={"middleware": [Middleware(OutputsOnly, roots=roots)]}, prevent_thread_lock=prevent_thread_lock,
-        ssr_mode=False, quiet=quiet, css=CSS, theme=_theme(), footer_links=["api"], enable_monitoring=False, show_error=False,
-    )
+    try:
+        demo.launch(
+            server_name=host, server_port=port, share=False, auth=users, auth_message="bespoke-diffusion: log in to see your concepts",
+            allowed_paths=[str(p) for p in allowed], max_file_size=service.settings.limits.upload_cap_bytes,
+            app_kwargs={"middleware": [Middleware(OutputsOnly, roots=roots)]}, prevent_thread_lock=prevent_thread_lock,
+            ssr_mode=False, quiet=quiet, css=CSS, theme=_theme(), footer_links=["api"], enable_monitoring=False, show_error=False,
+        )
+    except OSError as e:
+        # Gradio's own message suggests $GRADIO_SERVER_PORT, which an explicit port (bespoke demo --port) overrides.
+        reason = e.strerror or "the port is taken, or the host is not an address of this machine"
+        where = host if port is None else f"{host}:{port}"
+        raise InvalidRequest(f"cannot listen on {where} ({reason}); choose another --port") from None
     return demo

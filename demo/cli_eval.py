@@ -12,6 +12,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+# Each mode's own flags: given to the other mode they would be parsed and silently ignored
+# (``--train --subject robot-3`` once trained robot-0 without a word), so they are refused.
+ADAPTER_FLAGS = ("user", "concept", "version", "class_word", "subject", "references", "compose", "compose_version", "compose_subject", "compose_references")
+TRAIN_FLAGS = ("subjects", "preset", "curve_steps")
+CURVE_OWNS = ("steps", "checkpoint_every", "output_dir", "resume")  # --curve-steps sets these for every stage
 
 
 def _steps_list(text: str) -> list[int]:
@@ -42,7 +49,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--train", action="store_true", help="train and evaluate a configuration (preset + training options) on sample subjects")
     what.add_argument("--subjects", nargs="+", default=["robot-0"], help="sample subjects for --train (default: robot-0)")
     what.add_argument("--preset", choices=PRESET_NAMES, default="quick", help="training preset for --train (default: quick)")
-    what.add_argument("--curve-steps", type=_steps_list, default=None, metavar="S1,S2,...", help="with --train: benchmark at these step counts (one run, resumed)")
+    what.add_argument("--curve-steps", type=_steps_list, default=None, metavar="S1,S2,...", help="with --train: benchmark at these step counts (one run, resumed; the largest is the run's length, so not with --steps)")
 
     bench = parser.add_argument_group("benchmark size")
     bench.add_argument("--prompts", type=int, default=8, help="benchmark prompts, cycling through DreamBench's kinds (default: 8)")
@@ -59,6 +66,43 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", default=None, help="registry folder (default: $BESPOKE_REGISTRY, else <cache dir>/registry; --train: a temporary one)")
     parser.add_argument("--out", default=None, help="report folder (default: outputs/eval/<user>-<concept>-v<version>, or outputs/eval/train-<preset>)")
     add_config_arguments(parser)
+
+
+def _defaults() -> dict[str, Any]:
+    """Every ``eval`` flag's default, to tell what the user set from what argparse filled in."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_eval_arguments(parser)
+    return vars(parser.parse_args([]))
+
+
+def _flags(dests: list[str]) -> str:
+    return ", ".join("--" + d.replace("_", "-") for d in dests)
+
+
+def _are(dests: list[str]) -> str:
+    return "is" if len(dests) == 1 else "are"
+
+
+def check_mode(args: argparse.Namespace) -> None:
+    """Refuse, in one line, any flag the chosen mode would ignore (see ADAPTER_FLAGS), before anything loads."""
+    from adapters.train.config import overrides_from_args
+    from gen.errors import InvalidRequest
+
+    defaults = _defaults()
+    changed = lambda dests: [d for d in dests if getattr(args, d) != defaults[d]]  # noqa: E731
+    training = overrides_from_args(args)
+    if args.train:
+        stray = changed(ADAPTER_FLAGS)
+        if stray:
+            hint = "; pick sample subjects with --subjects" if "subject" in stray else ""
+            raise InvalidRequest(f"{_flags(stray)} {_are(stray)} for evaluating a registered adapter, not for --train{hint}")
+        clash = [d for d in CURVE_OWNS if d in training]
+        if args.curve_steps and clash:
+            raise InvalidRequest(f"--curve-steps sets {_flags(clash)} (each stage trains to its count, resuming): drop {_flags(clash)}")
+    else:
+        stray = changed(TRAIN_FLAGS) + list(training)
+        if stray:
+            raise InvalidRequest(f"{_flags(stray)} {_are(stray)} for --train (a training configuration), not for evaluating a registered adapter")
 
 
 def _subject(name: str | None, files: list[str] | None, resolution: int, flag: str):
@@ -80,6 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gen.embedders import load_judge
     from gen.errors import InvalidRequest
 
+    check_mode(args)
     settings = BenchmarkSettings(
         prompts=args.prompts, images_per_prompt=args.images_per_prompt, prior_images=args.prior_images,
         steps=args.sample_steps, guidance_scale=args.guidance, seed=args.eval_seed,

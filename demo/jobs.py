@@ -113,6 +113,10 @@ class Reporter:
     def validation(self, step: int, paths: list[str]) -> None:
         self._jobs._update(self._job, validations=self._job.status.validations + ((int(step), tuple(paths)),))
 
+    def discard_validations(self) -> None:
+        """Forget the validation images (their files are being deleted), so no page asks for them."""
+        self._jobs._update(self._job, validations=())
+
 
 RunFn = Callable[[Any, Reporter], int]  # trains one request, returns the registered version
 

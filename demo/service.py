@@ -9,8 +9,11 @@ and grows its tokenizer with placeholder tokens), and one for training, loaded o
 Training borrows its base and injects LoRA layers while it runs; on a separate instance it can
 never leak into someone's generation, and generation never waits for training.
 
-Everything the app writes goes under ``outputs`` (``users/<user>/generate|train|exports/<run>``,
-``samples/``); only files the app wrote are ever returned to the page, named by the app.
+Everything the app writes goes under ``outputs`` (``users/<user>/generate/<run>``,
+``users/<user>/train/<concept>/<run>``, ``users/<user>/exports/<concept>/v<version>-<run>``,
+``samples/``); only files the app wrote are ever returned to the page, named by the app. A
+training run's folder goes when the run fails or is cancelled; a concept's exports and training
+images go when it is deleted (a version's exports with the version), so nothing deleted is served.
 """
 
 from __future__ import annotations
@@ -138,11 +141,19 @@ class DemoService:
     def handle(self, user: str) -> UserRegistry:
         return self.registry.for_user(user)
 
-    def _run_dir(self, user: str, kind: str) -> Path:
-        """A fresh folder for one run; its name is random, so URLs to its files cannot be guessed."""
-        folder = self.outputs / "users" / validate_name("user", user) / kind / uuid.uuid4().hex
+    def _run_dir(self, user: str, kind: str, concept: str | None = None, prefix: str = "") -> Path:
+        """A fresh folder for one run; its name is random, so URLs to its files cannot be guessed.
+
+        Runs for a concept sit in a folder named after it (names are path-safe), so deleting the
+        concept can delete them; ``prefix`` (``v3-``) ties an export to its version.
+        """
+        folder = self._kind_dir(user, kind, concept) / f"{prefix}{uuid.uuid4().hex}"
         folder.mkdir(parents=True)
         return folder
+
+    def _kind_dir(self, user: str, kind: str, concept: str | None = None) -> Path:
+        folder = self.outputs / "users" / validate_name("user", user) / kind
+        return folder if concept is None else folder / validate_name("concept", concept)
 
     # --- personalize ---
 
@@ -231,9 +242,10 @@ class DemoService:
             options["steps"] = request.steps
         steps = resolve_config(base, request.preset, **options).steps
         options.update(validation_every=max(1, steps // max(1, self.settings.validation_rounds)), num_validation_images=self.settings.validation_images)
-        folder = self._run_dir(request.user, "train")
+        folder = self._run_dir(request.user, "train", request.concept)
 
         def on_validation(v) -> None:
+            folder.mkdir(parents=True, exist_ok=True)  # the concept may have been deleted meanwhile
             paths = []
             for i, image in enumerate(v.images):
                 path = folder / f"step{v.step:06d}-{i}.png"
@@ -241,10 +253,15 @@ class DemoService:
                 paths.append(str(path))
             reporter.validation(v.step, paths)
 
-        record = personalize(
-            base, request.user, request.concept, photos, request.class_word, captions=captions, registry=self.registry,
-            progress=reporter.progress, evaluate=evaluate, on_validation=on_validation, preset=request.preset, **options,
-        )
+        try:
+            record = personalize(
+                base, request.user, request.concept, photos, request.class_word, captions=captions, registry=self.registry,
+                progress=reporter.progress, evaluate=evaluate, on_validation=on_validation, preset=request.preset, **options,
+            )
+        except BaseException:  # cancelled or failed: nothing was registered, so its images must not stay served
+            reporter.discard_validations()
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return record.version
 
     # --- generate ---
@@ -360,8 +377,20 @@ class DemoService:
             raise InvalidRequest("pick the version to delete (or choose to delete the whole concept)")
         else:
             deleted = self.handle(user).delete(concept, _version(version), force=force)
+        self._remove_files(user, concept, None if whole else deleted)
         what = "the whole concept" if whole else f"v{deleted[0]}"
         return f"deleted {what} of {concept} ({len(deleted)} version{'s' if len(deleted) != 1 else ''})"
+
+    def _remove_files(self, user: str, concept: str, versions: Sequence[int] | None) -> None:
+        """Remove what the app wrote for deleted versions: their exports; with ``versions=None`` also the training images."""
+        exports = self._kind_dir(user, "exports", concept)
+        if versions is None:
+            shutil.rmtree(exports, ignore_errors=True)
+            shutil.rmtree(self._kind_dir(user, "train", concept), ignore_errors=True)
+            return
+        for v in versions:
+            for folder in exports.glob(f"v{int(v)}-*"):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def export(self, user: str, concept: str, version: str, fmt: str) -> str:
         """A zip of one version in ``fmt`` (diffusers, peft or kohya), written under the user's exports."""
@@ -369,7 +398,7 @@ class DemoService:
             raise InvalidRequest(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
         handle = self.handle(user)
         record = handle.record(concept, _version(version))
-        folder = self._run_dir(user, "exports")
+        folder = self._run_dir(user, "exports", record.concept, prefix=f"v{record.version}-")
         stem = _safe_stem(f"{record.concept}-v{record.version}-{fmt}")
         staging = folder / stem
         handle.export(concept, staging / f"{stem}.safetensors" if fmt == "kohya" else staging, fmt, record.version)

@@ -457,3 +457,121 @@ def test_out_of_range_seeds_are_refused_in_a_line(local):
     for seed, n in ((10**20, 1), (2**63 - 1, 2), (float("inf"), 1), (1.5, 1)):
         with pytest.raises(InvalidRequest, match="seed must be"):
             local.generate("local", "a red mug", seed=seed, num_images=n, steps=1)
+
+
+def _api(service) -> dict:
+    from demo.app import build_app
+
+    return {f.api_name: f.fn for f in build_app(service).fns.values() if f.api_name}
+
+
+def test_one_user_cannot_hold_every_watch_slot(local, monkeypatch):
+    """Each watch holds a shared slot until its job ends: 32 of one user's watches once left other users' pages waiting."""
+    import threading
+    import types
+
+    from demo.app import WATCH_CONCURRENCY, WATCHERS_PER_USER
+    from demo.jobs import TrainingJobs
+
+    release = threading.Event()
+
+    def slow(request, reporter):
+        step = 0
+        while not release.is_set():
+            step += 1
+            reporter.progress(step, 10**6, {"phase": "train", "loss": 1.0})
+            time.sleep(0.05)
+        return 1
+
+    jobs = TrainingJobs(slow)
+    monkeypatch.setattr(local, "jobs", jobs)
+    watch = _api(local)["watch_training"]
+    request = types.SimpleNamespace(username=None)
+    outputs: dict[int, list] = {}
+    try:
+        jobs.submit("local", "rex", object())
+        threads = []
+        for i in range(WATCH_CONCURRENCY):
+            outputs[i] = []
+            threads.append(threading.Thread(target=lambda i=i: outputs[i].extend(watch(request, progress=lambda *a, **k: None)), daemon=True))
+            threads[-1].start()
+            time.sleep(0.01)
+        deadline = time.monotonic() + 20
+        while sum(t.is_alive() for t in threads) > WATCHERS_PER_USER and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sum(t.is_alive() for t in threads) == WATCHERS_PER_USER  # the newest follow the job; the rest gave their slots back
+        retired = [out[-1][0] for out in outputs.values() if out and "newer page" in out[-1][0]]
+        assert len(retired) == WATCH_CONCURRENCY - WATCHERS_PER_USER
+    finally:
+        release.set()
+        for t in threads:
+            t.join(20)
+        jobs.close()
+    assert sum("done" in out[-1][0] for out in outputs.values()) == WATCHERS_PER_USER
+
+
+def test_nothing_deleted_or_unregistered_stays_on_disk(local, monkeypatch):
+    """A deleted concept's export zips and training images, a deleted version's exports and a failed or
+    cancelled job's validation images all stayed under outputs/, where the app kept serving them."""
+    import types
+
+    import adapters.train
+    from demo.jobs import JobState
+    from gen.errors import InvalidRequest
+
+    users = local.outputs / "users" / "local"
+    _put_versions(local, "gone", 2)
+    zips = {v: Path(local.export("local", "gone", v, "diffusers")) for v in ("1", "2")}
+    assert all(z.is_file() for z in zips.values())
+    local.delete("local", "gone", "1", force=True)
+    assert not zips["1"].exists() and zips["2"].is_file()  # a version's exports go with it
+
+    mode = {"run": "ok"}
+
+    def fake_personalize(base, user, concept, photos, class_word, *, on_validation, progress, **kw):
+        on_validation(types.SimpleNamespace(step=1, images=[Image.new("RGB", (8, 8))]))
+        if mode["run"] == "fail":
+            raise InvalidRequest("boom")
+        if mode["run"] == "cancel":
+            for step in range(1, 10**6):
+                progress(step, 10**6, {"phase": "train", "loss": 1.0})
+                time.sleep(0.01)
+        return types.SimpleNamespace(version=3)
+
+    monkeypatch.setattr(adapters.train, "personalize", fake_personalize)
+
+    def train(run: str):
+        mode["run"] = run
+        status = local.start_training("local", concept="gone", class_word="robot", subject="robot-3", n_photos=4, evaluate=False)
+        while not status.state.finished:
+            if run == "cancel" and status.validations:
+                local.jobs.cancel("local")
+            status = local.jobs.wait("local", status.revision, 5)
+        return status
+
+    done = train("ok")
+    assert done.state is JobState.DONE and Path(done.validations[0][1][0]).is_file()
+    for run, state in (("fail", JobState.FAILED), ("cancel", JobState.CANCELLED)):
+        status = train(run)
+        assert status.state is state and status.validations == (), status
+    assert len(list((users / "train").rglob("*.png"))) == 1  # only the registered run's image is left
+
+    local.delete("local", "gone", None, whole=True, force=True)
+    assert not zips["2"].exists() and not Path(done.validations[0][1][0]).exists()
+    assert list(users.rglob("*.zip")) == [] and list((users / "train").rglob("*.png")) == []
+
+
+def test_demo_on_a_busy_port_says_so_in_one_line(tmp_path, capsys):
+    """It ended in Gradio's traceback, whose hint ($GRADIO_SERVER_PORT) an explicit --port overrides."""
+    import socket
+
+    from demo.cli import main
+
+    with socket.socket() as busy, gradio_env(tmp_path):
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["demo", "--port", str(port), "--outputs", str(tmp_path / "out"), "--registry", str(tmp_path / "reg")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err, err
+    assert "Traceback" not in err and "GRADIO_SERVER_PORT" not in err

@@ -85,6 +85,46 @@ def test_eval_refuses_unclear_requests_with_one_line_errors(tiny_sd_dir, registr
     assert not (tmp_path / "x").exists()
 
 
+def test_eval_refuses_flags_of_the_other_mode_before_loading_anything(monkeypatch, capsys):
+    """Such flags were parsed and dropped: ``--train --subject robot-3`` trained robot-0 without a word."""
+    import adapters.evaluation
+    import gen.base
+
+    def never(*a, **k):
+        raise AssertionError("the request should have been refused first")
+
+    for name in ("evaluate_adapter", "evaluate_config"):
+        monkeypatch.setattr(adapters.evaluation, name, never)
+    monkeypatch.setattr(gen.base, "load_base", never)
+    adapter = ["eval", "--user", "alice", "--concept", "robo", "--subject", "robot-3"]
+    cases = (
+        (["eval", "--train", "--subject", "robot-3"], "--subject is for evaluating a registered adapter, not for --train; pick sample subjects with --subjects"),
+        (["eval", "--train", "--user", "alice", "--version", "7", "--class-word", "dog"], "--user, --version, --class-word are for evaluating a registered adapter"),
+        (["eval", "--train", "--compose", "mia"], "--compose is for evaluating"),
+        ([*adapter, "--preset", "best"], "--preset is for --train"),
+        ([*adapter, "--subjects", "mug-0", "--curve-steps", "1,2"], "--subjects, --curve-steps are for --train"),
+        ([*adapter, "--rank", "32", "--no-text-encoder-lora"], "--rank, --text-encoder-lora are for --train"),
+        (["eval", "--train", "--curve-steps", "1,2", "--steps", "9"], "--curve-steps sets --steps"),
+    )
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_eval_of_a_training_configuration_checks_every_subject_before_training(monkeypatch):
+    """A misspelt second subject failed only after the first had trained fully."""
+    import adapters.train
+    from adapters.evaluation import evaluate_config
+    from gen.errors import EvaluationError
+
+    trained = []
+    monkeypatch.setattr(adapters.train, "personalize", lambda *a, **k: trained.append(a) or pytest.fail("trained before checking the names"))
+    with pytest.raises(EvaluationError, match="idx=99.* not a held-out instance"):
+        evaluate_config(None, ["robot-0", "robot-99"])  # no base needed: refused before anything uses it
+    assert trained == []
+
+
 def test_eval_of_a_training_configuration_reports_a_curve_over_steps(tiny_sd_dir, tmp_path, capsys):
     out = tmp_path / "config"
     code = main([
