@@ -520,6 +520,79 @@ def test_accelerate_launch_trains_with_two_processes(tiny_sd_dir, photos, tmp_pa
         assert registry.for_user("frank").record("duo").metrics["steps"] == 2.0
 
 
+def test_another_process_count_is_another_run(tiny_sd_dir, photos, monkeypatch):
+    """Each process draws its own rows, so a checkpoint made by one process must not be resumed by two."""
+    from accelerate import PartialState
+
+    from adapters.train.loop import run_identity
+
+    base = load_base(tiny_sd_dir)
+    cfg = resolve_config(base, **FAST)
+    jobs = prepare_jobs([TrainJob("gus", "m", photos, "mug")], cfg)
+    alone = run_identity(base, jobs, cfg)
+    monkeypatch.setattr(PartialState, "num_processes", property(lambda self: 2), raising=False)  # an instance attribute there
+    assert run_identity(base, jobs, cfg) != alone
+
+
+RETRY_CHILD = """
+import sys
+from accelerate import PartialState
+import adapters.registry as registry_module
+from adapters.registry import Registry
+from adapters.train import personalize
+from gen.base import load_base
+from gen.errors import BespokeError
+
+state = PartialState(cpu=True)
+base = load_base(sys.argv[1], device="cpu")
+failures = [1 if state.is_main_process else 0]  # the main process's first put fails, as a busy registry would
+real = registry_module.Registry.for_user
+
+def for_user(self, user):
+    handle = real(self, user)
+    put = handle.put
+    def failing_put(*args, **kwargs):
+        if failures[0]:
+            failures[0] -= 1
+            raise BespokeError("registry busy, try again")
+        return put(*args, **kwargs)
+    handle.put = failing_put
+    return handle
+
+registry_module.Registry.for_user = for_user
+registry = Registry(sys.argv[3]) if state.is_main_process else None
+for attempt in range(2):
+    try:
+        record = personalize(base, "frank", "duo", sys.argv[2], "mug", registry=registry, preset="quick", steps=2, num_class_images=2, class_image_steps=2)
+        print(f"[rank {state.process_index}] attempt {attempt}: v{record.version}", flush=True)
+        break
+    except BespokeError as e:
+        print(f"[rank {state.process_index}] attempt {attempt}: {e}", flush=True)
+"""
+
+
+def test_a_failure_on_the_main_process_reaches_every_process(tiny_sd_dir, photos, tmp_path):
+    """Registering runs on the main process; its error once stopped there, and the other process waited in the
+    broadcast forever: a caller retrying, as a busy registry invites, deadlocked."""
+    from accelerate.utils import write_basic_config
+
+    config, child = tmp_path / "accelerate.yaml", tmp_path / "retry.py"
+    write_basic_config(mixed_precision="no", save_location=str(config))
+    child.write_text(RETRY_CHILD)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BESPOKE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--multi_gpu", "--num_processes", "2",
+        "--main_process_port", str(_free_port()), str(child), tiny_sd_dir, str(photos), str(tmp_path / "reg"),
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)  # the old deadlock: a timeout
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("[rank"))
+    assert lines == [
+        "[rank 0] attempt 0: registry busy, try again", "[rank 0] attempt 1: v1",
+        "[rank 1] attempt 0: the main process failed: BespokeError: registry busy, try again", "[rank 1] attempt 1: v1",
+    ], run.stdout
+
+
 def test_bench_quick_writes_the_expected_json(tiny_sd_dir, tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_personalize

@@ -12,14 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
-
 from adapters.data import ImageSource
 from adapters.registry import AdapterRecord, Registry
 from adapters.train.config import profile_of, resolve_config
 from adapters.train.data import EvaluateFn, Progress, TrainJob
-from adapters.train.loop import TrainResult, ValidationFn, train_adapters
+from adapters.train.loop import TrainResult, ValidationFn, on_main_process, train_adapters
 from gen.base import Base
 
 
@@ -63,14 +60,8 @@ def personalize_many(
     """Train several users' adapters in one job (each row routed to its own user's LoRA) and register them all."""
     cfg = resolve_config(base, preset, **options)
     results = train_adapters(base, jobs, cfg, progress=progress, on_validation=on_validation)
-    state = PartialState()
-    records = None
-    if state.is_main_process:
-        config = {"preset": preset, "profile": profile_of(base), **cfg.to_record()}
-        records = register(results, base, config, registry)
-    if state.num_processes > 1:
-        records = broadcast_object_list([records])[0]
-    return records
+    config = {"preset": preset, "profile": profile_of(base), **cfg.to_record()}
+    return on_main_process(lambda: register(results, base, config, registry))
 
 
 def register(results: Sequence[TrainResult], base: Base, training_config: dict, registry: Registry | None = None) -> list[AdapterRecord]:

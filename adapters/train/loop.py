@@ -33,13 +33,15 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import broadcast_object_list
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
 from PIL import Image
@@ -125,8 +127,7 @@ def train_adapters(
             curves, loop_seconds = _train(base, lora, prepared, class_sets, cfg, accelerator, run_dir, report, on_validation)
             results = [_result(base, lora, k, job, cfg, curves[k]) for k, job in enumerate(prepared)]
             trained = time.perf_counter()
-            if accelerator.is_main_process:
-                _evaluate(base, lora, prepared, results, accelerator, report)
+            on_main_process(lambda: _evaluate(base, lora, prepared, results, accelerator, report))
     finally:
         accelerator.free_memory()
     accelerator.wait_for_everyone()
@@ -135,6 +136,31 @@ def train_adapters(
     for result in results:  # train: everything up to the adapters (not evaluation); loop: the steps alone
         result.metrics.update(train_seconds=trained - started, loop_seconds=loop_seconds, users_in_job=float(len(prepared)))
     return results
+
+
+def on_main_process(work: Callable[[], Any]) -> Any:
+    """``work()`` on the main process; every process returns its result, or raises if it failed.
+
+    Without passing the failure on, the other processes would wait in the next collective (a
+    broadcast, a barrier) until the process group times out: a caller that catches the error and
+    retries, as a busy registry invites, deadlocks.
+    """
+    state = PartialState()
+    result, failure = None, None
+    if state.is_main_process:
+        try:
+            result = work()
+        except Exception as e:
+            if state.num_processes == 1:
+                raise
+            failure = e
+    if state.num_processes > 1:
+        result, message = broadcast_object_list([result, None if failure is None else f"{type(failure).__name__}: {failure}"])
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise BespokeError(f"the main process failed: {message}")
+    return result
 
 
 @contextlib.contextmanager
@@ -356,6 +382,7 @@ def run_identity(base: Base, jobs: Sequence[PreparedJob], cfg: TrainConfig) -> s
     settle = {"steps", "validation_every", "validation_prompt", "num_validation_images", "checkpoint_every", "keep_checkpoints", "output_dir", "resume"}
     identity = {
         "base": base.fingerprint,
+        "processes": PartialState().num_processes,  # each draws its own rows: another count is another effective batch
         "config": {k: v for k, v in cfg.to_record().items() if k not in settle},
         "jobs": [[j.job.user, j.job.concept, j.seed, [[e.sha256, e.caption] for e in j.examples], j.class_prompt] for j in jobs],
     }
