@@ -198,7 +198,14 @@ EXPORT_FILES = (
 
 
 def _write_folder(folder: Path, files: Mapping[str, bytes]) -> None:
-    """Write ``files`` (relative name -> bytes), then remove the other export files an earlier export left."""
+    """Write ``files`` (relative name -> bytes), then remove the other export files an earlier export left.
+
+    Only files an export of ours wrote are replaced or removed: a folder holding someone else's
+    adapter under those names is refused before anything is written.
+    """
+    foreign = [name for name in EXPORT_FILES if (folder / name).is_file() and not _exported_here(folder / name)]
+    if foreign:
+        raise InvalidAdapter(f"{folder} holds {foreign[0]}, which bespoke did not write; export into an empty or new folder")
     for name, data in files.items():
         _write_file(folder / name, data)
     for name in EXPORT_FILES:
@@ -207,6 +214,16 @@ def _write_folder(folder: Path, files: Mapping[str, bytes]) -> None:
     for component in COMPONENTS[1:]:
         if (folder / component).is_dir() and not any((folder / component).iterdir()):
             (folder / component).rmdir()
+
+
+def _exported_here(path: Path) -> bool:
+    """Whether an export file is ours: its weights' header carries our fields (a peft config goes by its weights)."""
+    weights = path if path.suffix == ".safetensors" else path.with_name(PEFT_WEIGHT_NAME)
+    try:
+        metadata = read_header(weights).metadata
+    except (InvalidAdapter, UnsafeFile):
+        return False
+    return any(k.startswith(BESPOKE_PREFIX) for k in metadata) or (path.name == EMBEDDINGS_NAME and "new_tokens" in metadata)
 
 
 def _embedding_files(adapter: LoraAdapter) -> dict[str, bytes]:
@@ -429,14 +446,13 @@ def _read_kohya(path: Path, spec: BaseSpec, limits: Limits):
             tensors[f"{module}.lora_{KOHYA_SUFFIXES[rest]}.weight"] = tensor
         else:
             raise InvalidAdapter(f"{path.name}: kohya key {key!r} is not a plain LoRA weight (LoHa, LoKr and DoRA are not supported)")
-    header_alpha = meta.get("ss_network_alpha")
-    header_alpha = None if header_alpha is None else _parse_float(header_alpha, "ss_network_alpha")
+    header_alpha = meta.get("ss_network_alpha")  # may be "Dynamic" (kohya's resize_lora): read only where a module needs it
     for key in tensors:
         module, _ = split_lora_key(key)
         if module not in alphas and header_alpha is not None:
-            alphas[module] = header_alpha
-        elif header_alpha is not None and alphas[module] == float(torch.tensor(header_alpha, dtype=torch.float32)):
-            alphas[module] = header_alpha  # the .alpha tensor is float32 (0.1 reads 0.10000000149); the header has the digits
+            alphas[module] = _parse_float(header_alpha, "ss_network_alpha")
+        elif header_alpha is not None and _same_float32(header_alpha, alphas[module]):
+            alphas[module] = float(header_alpha)  # the .alpha tensor is float32 (0.1 reads 0.10000000149); the header has the digits
     tokens = tuple(next(iter(bundles.values()), {}))
     declared = tuple(read_bespoke_metadata(meta).get("new_tokens") or ())
     if set(declared) == set(tokens):
@@ -450,6 +466,14 @@ def _read_kohya(path: Path, spec: BaseSpec, limits: Limits):
     if "trigger" not in read_bespoke_metadata(meta) and meta.get("modelspec.trigger_phrase"):
         meta = {**meta, BESPOKE_PREFIX + "trigger": json.dumps(meta["modelspec.trigger_phrase"])}
     return tensors, alphas, meta, (embeddings, tokens)
+
+
+def _same_float32(text: str, value: float) -> bool:
+    """Whether ``text`` is a number that rounds to ``value`` in float32."""
+    try:
+        return float(torch.tensor(float(text), dtype=torch.float32)) == value
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def _kohya_names(spec: BaseSpec) -> dict[str, str]:

@@ -245,12 +245,15 @@ class DemoService:
         folder = self._run_dir(request.user, "train", request.concept)
 
         def on_validation(v) -> None:
-            folder.mkdir(parents=True, exist_ok=True)  # the concept may have been deleted meanwhile
             paths = []
-            for i, image in enumerate(v.images):
-                path = folder / f"step{v.step:06d}-{i}.png"
-                image.save(path, format="PNG")
-                paths.append(str(path))
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                for i, image in enumerate(v.images):
+                    path = folder / f"step{v.step:06d}-{i}.png"
+                    image.save(path, format="PNG")
+                    paths.append(str(path))
+            except OSError:  # the concept was deleted meanwhile (its folder with it): a lost preview, not a failed run
+                return
             reporter.validation(v.step, paths)
 
         try:

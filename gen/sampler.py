@@ -94,30 +94,38 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def fit_prompt(tokenizer, prompt: str, expand: Callable[[str], str] = str) -> str:
-    """Return ``prompt`` cut at a word boundary to the text encoder's limit, warning with the dropped words.
+    """Return ``prompt`` cut to the text encoder's limit, warning with what was dropped.
 
-    Tokens are counted on ``expand(prompt)`` (concept mentions replaced by their text), so the
-    prompt keeps its mentions and replays to the same cut.
+    The cut falls after a word or a comma ("lowres,bad hands,..." tag lists have no spaces), or
+    between characters when not even the first piece fits (CJK). Tokens are counted on
+    ``expand(prompt)`` (concept mentions replaced by their text), so the prompt keeps its mentions
+    and replays to the same cut.
     """
     limit = tokenizer.model_max_length - 2  # start and end tokens
-    n_tokens = len(tokenizer(expand(prompt), add_special_tokens=False, verbose=False).input_ids)
-    if n_tokens <= limit:
+
+    def fits(text: str) -> bool:
+        return len(tokenizer(expand(text), add_special_tokens=False, verbose=False).input_ids) <= limit
+
+    if fits(prompt):
         return prompt
-    words = re.findall(r"\S+", prompt)
-    lo, hi = 0, len(words)
-    while lo < hi:  # longest word prefix that fits
+    cuts = [m.end() for m in re.finditer(r"[^\s,;]*[,;]+|[^\s,;]+", prompt)]
+    if not fits(prompt[: cuts[0]]):
+        cuts = list(range(1, len(prompt) + 1))
+    lo, hi = 0, len(cuts)  # how many cuts' worth of prompt fits
+    while lo < hi:
         mid = (lo + hi + 1) // 2
-        if len(tokenizer(expand(" ".join(words[:mid])), add_special_tokens=False, verbose=False).input_ids) <= limit:
+        if fits(prompt[: cuts[mid - 1]]):
             lo = mid
         else:
             hi = mid - 1
-    dropped = " ".join(words[lo:])
+    kept = prompt[: cuts[lo - 1]].rstrip(" ,;") if lo else ""
+    n_tokens = len(tokenizer(expand(prompt), add_special_tokens=False, verbose=False).input_ids)
     warnings.warn(
-        f"prompt is {n_tokens} tokens, over the text encoder's limit of {limit}; dropped: {dropped!r}",
+        f"prompt is {n_tokens} tokens, over the text encoder's limit of {limit}; dropped: {prompt[len(kept):].strip(' ,;')!r}",
         PromptTruncatedWarning,
         stacklevel=3,
     )
-    return " ".join(words[:lo])
+    return kept
 
 
 @dataclass(frozen=True)
@@ -265,7 +273,7 @@ class Sampler:
         negative = fit_prompt(tokenizer, r.negative_prompt) if r.negative_prompt else None
         for name, fitted in (("prompt", prompt), ("negative prompt", negative)):
             if fitted == "":  # one over-long first word: nothing the text encoder reads is left
-                raise InvalidRequest(f"the {name}'s first word is longer than the text encoder reads; nothing of the {name} is left")
+                raise InvalidRequest(f"nothing of the {name} fits the text encoder")
         r = replace(r, prompt=prompt, negative_prompt=negative)
         return _Job(r, resolved.expand(prompt), image_seeds(r.seed, r.num_images), resolved)
 

@@ -232,12 +232,29 @@ def test_an_export_over_an_earlier_one_reads_back_as_the_new_adapter_alone(sd, t
     assert not (tmp_path / "out" / "text_encoder").exists()
 
 
+def test_an_export_never_replaces_an_adapter_it_did_not_write(sd, tmp_path):
+    """Someone's own peft LoRA in the folder stays as it is: the export is refused before writing anything."""
+    base, spec = sd
+    theirs = tmp_path / "out"
+    get_peft_model(copy.deepcopy(base.pipe.unet), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).save_pretrained(theirs)
+    before = {p.name: p.read_bytes() for p in theirs.iterdir() if p.is_file()}
+    with pytest.raises(InvalidAdapter, match="holds adapter_model.safetensors, which bespoke did not write"):
+        write_adapter(random_adapter(spec), theirs, "diffusers")
+    assert {p.name: p.read_bytes() for p in theirs.iterdir() if p.is_file()} == before
+
+
 def test_kohya_alpha_keeps_the_digits_its_float32_tensor_loses(sd, tmp_path):
+    from safetensors.torch import load_file
+
     base, spec = sd
     adapter = random_adapter(spec, alpha=0.1)
-    back, _ = read_adapter(write_adapter(adapter, tmp_path / "k.safetensors", "kohya"), spec)
+    path = write_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    back, _ = read_adapter(path, spec)
     assert back.alpha == 0.1
     assert_same_effect(adapter, back)
+    # kohya's resize_lora --dynamic_method writes ss_network_alpha "Dynamic", with an .alpha per module
+    dynamic = _diffusers_file(tmp_path / "dynamic.safetensors", load_file(path), {"ss_network_alpha": "Dynamic"})
+    assert read_adapter(dynamic, spec)[0].alpha == pytest.approx(0.1)
 
 
 def test_sdxl_kohya_uses_te1_and_te2_and_round_trips(tmp_path):

@@ -98,9 +98,15 @@ def test_a_bad_seed_fails_alone_and_the_largest_seed_works(sampler):
     assert sampler.generate("a dog", seed=2**63 - 1, steps=1).provenance[0].seed == 2**63 - 1
 
 
-def test_prompt_that_fits_to_nothing_is_refused(sampler):
-    with pytest.warns(PromptTruncatedWarning), pytest.raises(InvalidRequest, match="prompt's first word is longer than the text encoder reads"):
-        sampler.generate("q" * 400 + " dog", steps=1, seed=0)
+def test_prompts_without_spaces_are_cut_after_a_comma_or_else_between_characters(sampler):
+    """Tag lists ("lowres,bad hands,...") and CJK have no spaces: cut only at spaces, they were emptied whole."""
+    tags = ",".join(f"tag{i}" for i in range(200))
+    with pytest.warns(PromptTruncatedWarning):
+        kept = sampler.generate("a mug", negative_prompt=tags, steps=1, seed=0).provenance[0].negative_prompt
+    assert kept and tags.startswith(kept + ",") and kept.split(",")[-1] in tags.split(",")
+    with pytest.warns(PromptTruncatedWarning):
+        kept = sampler.generate("q" * 400 + " dog", steps=1, seed=0).provenance[0].prompt
+    assert kept and set(kept) == {"q"}
 
 
 def test_a_raising_progress_callback_fails_only_its_own_request(sampler):

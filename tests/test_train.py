@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -298,9 +299,9 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny
 
 
 def test_an_output_folder_never_mixes_two_runs(tiny_sd_dir, photos, tmp_path):
-    """One output folder, two different jobs: the second refuses the first's checkpoint (it once resumed from it
-    and registered the mix), starts over with resume off (leaving none of the first's behind), and a state file
-    cut short by a kill marks its checkpoint incomplete instead of stopping every later run."""
+    """One output folder, two different jobs: the second refuses the first's checkpoints (it once resumed from them
+    and registered the mix), with resume off too (it would overwrite them); resume off restarts the job's own run;
+    and a state file cut short by a kill marks its checkpoint incomplete instead of stopping every later run."""
     base = load_base(tiny_sd_dir)
     save_sample_subject("robot-2", tmp_path / "robots", n=2)
     out = str(tmp_path / "run")
@@ -308,11 +309,15 @@ def test_an_output_folder_never_mixes_two_runs(tiny_sd_dir, photos, tmp_path):
     second = [TrainJob("carol", "r", tmp_path / "robots", "robot")]
     settings = dict(steps=3, checkpoint_every=1, keep_checkpoints=2, output_dir=out, **FAST)
     train_adapters(base, first, resolve_config(base, **settings))
-    with pytest.raises(BespokeError, match="checkpoint-000003 is a checkpoint of another training run"):
-        train_adapters(base, second, resolve_config(base, **settings))
+    for resume in (True, False):
+        with pytest.raises(BespokeError, match="checkpoint-00000[23] is a checkpoint of another training run"):
+            train_adapters(base, second, resolve_config(base, **settings, resume=resume))
+    assert sorted(p.name for p in Path(out).iterdir()) == ["checkpoint-000002", "checkpoint-000003"]
+    shutil.rmtree(out)
     steps = []
+    train_adapters(base, second, resolve_config(base, **settings), progress=lambda s, t, i: steps.append(s) if i["phase"] == "train" else None)
     train_adapters(base, second, resolve_config(base, **{**settings, "steps": 2, "resume": False}), progress=lambda s, t, i: steps.append(s) if i["phase"] == "train" else None)
-    assert steps == [1, 2] and sorted(p.name for p in Path(out).iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
+    assert steps == [1, 2, 3, 1, 2] and sorted(p.name for p in Path(out).iterdir()) == ["checkpoint-000001", "checkpoint-000002"]
     state = Path(out) / "checkpoint-000002" / "train_state.json"
     state.write_text(state.read_text()[:10])  # killed mid-write (before writes became whole-then-rename)
     steps.clear()
@@ -450,10 +455,10 @@ def test_user_errors_stop_before_training_with_one_line(tiny_sd_dir, tmp_path, c
     assert code == 2 and err.count("\n") == 1 and "broken.jpg" in err
 
 
-@pytest.mark.parametrize("seed", [-3, 2**63])  # numpy refuses the one, validation sampling the other, mid-run
+@pytest.mark.parametrize("seed", [-3, 2**63 - 3])  # numpy refuses the one, validation sampling (4 images: seed + 3) the other
 def test_a_job_seed_out_of_range_is_refused_before_any_model_work(tiny_sd_dir, photos, seed):
     base = load_base(tiny_sd_dir)
-    with pytest.raises(InvalidRequest, match=f"carol/m: seed must be between 0 and {2**63 - 1}, got {seed}"):
+    with pytest.raises(InvalidRequest, match=f"carol/m: seed must be between 0 and {2**63 - 4}, got {seed}"):
         prepare_jobs([TrainJob("carol", "m", photos, "mug", seed=seed)], resolve_config(base, **FAST))
     with pytest.raises(InvalidRequest, match="seed must be"):
         resolve_config(base, seed=seed, **FAST)

@@ -30,7 +30,7 @@ PRESET_NAMES = ("quick", "balanced", "best")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TIMESTEP_BIASES = ("none", "earlier", "later")
 SMALL_BASE_MAX_SIZE = 128  # bases at or below this resolution use the "builtin" profile
-MAX_SEED = 2**63 - 1  # validation images are sampled with the job's seed, which gen's sampler takes up to here
+SEED_LIMIT = 2**63  # gen's sampler takes image seeds below this; validation image i uses the job's seed + i
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -204,6 +204,11 @@ def _warn_if_ignored(cfg: TrainConfig, overrides: dict[str, Any], preset: str) -
             warnings.warn(f"{name} has no effect: {switch} is off (in the {preset!r} preset or as set); turn it on with --{flag} / {switch}=True", stacklevel=3)
 
 
+def max_seed(cfg: TrainConfig) -> int:
+    """The largest job seed whose validation images all have seeds the sampler takes."""
+    return SEED_LIMIT - cfg.num_validation_images
+
+
 def _warn_if_not_served(cfg: TrainConfig, base) -> None:
     """Training can put LoRA on any layer peft wraps, but the sampler preallocates slots for its default
     targets (those of ``RuntimeConfig()``) only and refuses an adapter outside them; say so before the training
@@ -265,7 +270,7 @@ def _check(cfg: TrainConfig, base) -> None:
         need(getattr(cfg, name) >= 1, f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("warmup_steps", "validation_every", "checkpoint_every", "seed"):
         need(getattr(cfg, name) >= 0, f"{name} must be >= 0, got {getattr(cfg, name)}")
-    need(cfg.seed <= MAX_SEED, f"seed must be at most {MAX_SEED}, got {cfg.seed}")
+    need(cfg.seed <= max_seed(cfg), f"seed must be at most {max_seed(cfg)} (validation image i uses seed + i), got {cfg.seed}")
     for name in ("lr", "text_lr", "token_lr", "loraplus_lr_ratio", "max_grad_norm"):
         need(getattr(cfg, name) > 0, f"{name} must be positive, got {getattr(cfg, name)}")
     need(cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")

@@ -29,7 +29,7 @@ from PIL import Image
 
 from adapters.data import Example, ImageLimits, ImageSource, fill, load_images, make_examples
 from adapters.registry.names import validate_name
-from adapters.train.config import MAX_SEED, TrainConfig
+from adapters.train.config import TrainConfig, max_seed
 from adapters.validate import check_text
 from gen.adapter import LoraAdapter
 from gen.base import Base
@@ -119,8 +119,8 @@ def prepare_jobs(jobs: Sequence[TrainJob], cfg: TrainConfig, limits: ImageLimits
         if cfg.validation_prompt:
             fill(cfg.validation_prompt, "validation_prompt", trigger=trigger, class_word=job.class_word)
         seed = cfg.seed if job.seed is None else job.seed
-        if not 0 <= seed <= MAX_SEED:  # numpy refuses < 0 and torch >= 2**64: either would stop the run after the class images
-            raise InvalidRequest(f"{job.user}/{job.concept}: seed must be between 0 and {MAX_SEED}, got {seed}")
+        if not 0 <= seed <= max_seed(cfg):  # numpy refuses < 0, validation sampling the top: either mid-run, after the class images
+            raise InvalidRequest(f"{job.user}/{job.concept}: seed must be between 0 and {max_seed(cfg)}, got {seed}")
         prepared.append(PreparedJob(job, examples, trigger, tokens, class_prompt, seed))
     return prepared
 

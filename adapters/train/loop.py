@@ -262,13 +262,13 @@ def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerat
         if report is not None:  # last: a callback that raises (a cancelled job) leaves this step checkpointed
             report(done, cfg.steps, {"phase": "train", "loss": float(step_loss.mean()), "lr": cfg.lr * lr_scale, "users": len(jobs)})
     lora.train(False)
-    probe = data.batch(cfg.steps, 0, accelerator.process_index)  # the last update is checked too: it is what gets registered
+    if ema is not None:  # the average is what gets evaluated and saved
+        ema.copy_to(every_param)
+    probe = data.batch(cfg.steps, 0, accelerator.process_index)  # the weights to be registered are checked too
     with torch.no_grad(), lora.rows(probe.users.tolist()):
         seen = accelerator.gather(user_losses(probe)[None]).mean(dim=0).cpu()
     if not torch.isfinite(seen).all():
         raise _diverged(accelerator, cfg.steps, seen, run_dir, jobs)
-    if ema is not None:  # the average is what gets evaluated and saved
-        ema.copy_to(every_param)
     return curves, time.perf_counter() - loop_started
 
 
@@ -283,9 +283,10 @@ def _param_groups(lora: Attachment, cfg: TrainConfig, users: int) -> tuple[list[
     groups, per_user = [], []
     for k in range(users):
         params = lora.user_parameters(k)
-        for kind, (lr, decay) in settings.items():
-            if params[kind]:
-                groups.append({"params": params[kind], "lr": lr, "base_lr": lr, "weight_decay": decay})
+        alike: dict[tuple[float, float], list[torch.nn.Parameter]] = {}  # one group per setting: fewer optimizer launches
+        for kind, setting in settings.items():
+            alike.setdefault(setting, []).extend(params[kind])
+        groups += [{"params": ps, "lr": lr, "base_lr": lr, "weight_decay": decay} for (lr, decay), ps in alike.items() if ps]
         per_user.append([p for ps in params.values() for p in ps])
     return groups, per_user
 
@@ -461,15 +462,23 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, identity: str, ste
 def _resume(accelerator: Accelerator, run_dir: Path, identity: str, cfg: TrainConfig, users: int) -> tuple[int, list[list[float]]]:
     """(first step, loss curves so far): from the latest checkpoint of this run when resuming, else (0, empty).
 
-    Without resume an earlier run's checkpoints are removed (they would outrank this run's in rotation
-    and in the next resume); with it, a checkpoint of another run in the folder is refused, never mixed in.
+    A folder holding another run's checkpoints is refused either way: resuming would mix the two
+    runs, and starting over would delete or overwrite the other's (their folders share names).
+    Without resume this run's own earlier checkpoints are removed, so they cannot outrank the new ones.
     """
     if not run_dir.is_dir():
         return 0, [[] for _ in range(users)]
+    found = _checkpoints(run_dir)
+    other = next((path for path, _ in found if _read_state(path).get("run") != identity), None)
+    if other is not None:
+        raise BespokeError(
+            f"{other} is a checkpoint of another training run (other photos, options, users or process count, or an "
+            "earlier version of bespoke); give another output folder or remove it"
+        )
     if not cfg.resume:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            for path, _ in _checkpoints(run_dir):
+            for path, _ in found:
                 _remove_checkpoint(path)
         accelerator.wait_for_everyone()
         return 0, [[] for _ in range(users)]
@@ -477,11 +486,5 @@ def _resume(accelerator: Accelerator, run_dir: Path, identity: str, cfg: TrainCo
     if latest is None:
         return 0, [[] for _ in range(users)]
     path, step = latest
-    state = _read_state(path)
-    if state.get("run") != identity:
-        raise BespokeError(
-            f"{path} is a checkpoint of another training run (other photos, options or users); "
-            "give another output folder, remove it, or set resume off to start over there"
-        )
     accelerator.load_state(str(path))
-    return step, [list(c) for c in state["loss_curves"]]
+    return step, [list(c) for c in _read_state(path)["loss_curves"]]
