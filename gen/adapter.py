@@ -54,7 +54,7 @@ class LoraAdapter:
 
 @runtime_checkable
 class AdapterSource(Protocol):
-    """Where the sampler gets adapters from, always scoped to one user."""
+    """Where the sampler gets adapters from, always scoped to one user; each adapter carries its version number."""
 
     def get(self, user: str, concept: str, version: int | str = "latest") -> LoraAdapter: ...
 

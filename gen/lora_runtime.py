@@ -260,7 +260,8 @@ class LoraSlots:
                 raise AdapterDoesNotFit(f"{what} targets {name}, which has no LoRA slot (slots cover {len(self.layers)} layers)")
             rank = a.shape[0]
             slot_a, slot_bt = self.a[i], self.bt[i]
-            if tuple(a.shape[1:]) != tuple(slot_a.shape[2:]) or tuple(b.shape[:2]) != (slot_bt.shape[2], rank):
+            fits = tuple(a.shape[1:]) == tuple(slot_a.shape[2:]) and tuple(b.shape[:2]) == (slot_bt.shape[2], rank)
+            if not fits or b.numel() != slot_bt.shape[2] * rank:  # a Conv2d's B is (out, r, 1, 1), never (out, r, 3, 3)
                 raise AdapterDoesNotFit(f"{what}: LoRA shapes {tuple(a.shape)} / {tuple(b.shape)} do not fit layer {name}")
             layers.append(i)
             a_list.append(a)

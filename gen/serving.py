@@ -157,9 +157,10 @@ class AdapterServing:
             known = self._latest.get((user, concept))
         if known is not None and known[1] > now:
             key = (user, concept, known[0])
-            ref = "latest" if known[0] is None else known[0]
-            return self.cache.get(key, lambda: self._serve(self.source.get(user, concept, ref), key))
+            return self.cache.get(key, lambda: self._serve(self.source.get(user, concept, known[0]), key))
         adapter = self.source.get(user, concept, "latest")
+        if adapter.version is None:  # the version is what tells a new latest from the cached one (and names its slot)
+            raise InvalidRequest(f"the adapter source returned {user}/{concept} without a version number; a source must number the versions it serves")
         with self._latest_lock:
             self._latest[(user, concept)] = (adapter.version, now + self.config.latest_ttl_s)
             self._latest.move_to_end((user, concept))

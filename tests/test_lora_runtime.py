@@ -223,6 +223,11 @@ def test_adapters_that_do_not_fit_are_refused(unet, spec):
         runtime.pack(make(spec, 1, rank=16, targets=("to_q",)), "alice/rex v1")
     with pytest.raises(AdapterDoesNotFit, match="text_encoder, which this base does not have"):
         runtime.pack(make(spec, 1, components=("text_encoder",), targets=("q_proj",)), "alice/rex v1")
+    odd = make(spec, 1, rank=4, targets=("to_q",))
+    key = next(k for k in odd.tensors if k.endswith("lora_B.weight"))
+    odd.tensors[key] = odd.tensors[key][..., None, None].expand(-1, -1, 3, 3).contiguous()  # (out, r, 3, 3): a reshape error once
+    with pytest.raises(AdapterDoesNotFit, match="do not fit layer"):
+        runtime.pack(odd, "alice/odd v1")
     small = runtime.pack(make(spec, 1, rank=6, targets=("to_q",)), "a")
     with pytest.raises(AdapterDoesNotFit, match="composed rank 12"):
         runtime.activate([(("a", small, 1.0), ("b", small, 1.0))])

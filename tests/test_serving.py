@@ -243,10 +243,25 @@ def test_a_cut_prompt_drops_the_adapters_of_the_mentions_it_cuts(sampler):
 
 
 class AnonymousSource(DictSource):
-    """A source whose adapters say nothing about who they belong to."""
+    """A source whose adapters say nothing about who they belong to (only their version)."""
 
     def get(self, user, concept, version="latest"):
-        return replace(super().get(user, concept, version), user=None, concept=None, version=None)
+        return replace(super().get(user, concept, version), user=None, concept=None)
+
+
+class UnnumberedSource(DictSource):
+    def get(self, user, concept, version="latest"):
+        return replace(super().get(user, concept, version), version=None)
+
+
+def test_a_source_must_number_its_versions(tiny_sd_dir, spec):
+    """The version tells a new latest from the cached one; unnumbered, every latest shared one key (and slot),
+    so a new one was never served while the old stayed cached."""
+    source = UnnumberedSource()
+    source.add(make(spec, "alice", "rex", 1, "sks", "dog"))
+    sampler = Sampler(load_base(tiny_sd_dir), source)
+    with pytest.raises(InvalidRequest, match="returned alice/rex without a version number"):
+        sampler.generate("a <rex>", user="alice", seed=3, **STEPS)
 
 
 def test_adapters_without_identity_are_served_under_the_requested_identity(tiny_sd_dir, spec):
