@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="runs/bench_sampling.json")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1 (the first generation is a warm-up and not counted), got {args.repeats}")
 
     t0 = time.perf_counter()
     base = load_base(args.base, device=args.device, dtype=args.dtype)

@@ -202,7 +202,10 @@ def main() -> None:
         print("no CUDA GPU: running the smoke mode on the CPU (tiny pipelines); full-size rows need a GPU")
     device, dtype, mixed = (torch.device("cpu"), torch.float32, "no") if quick else (torch.device("cuda"), torch.float16, "fp16")
     steps = args.steps or (4 if quick else 30)
-    cases = [Case("sd15", "sd", steps, 1 if quick else 5), Case("sdxl", "sdxl", steps, 1 if quick else 5)]
+    warmup = 1 if quick else 5
+    if steps < warmup + 2:  # the median is over the steps after the warm-up ones
+        parser.error(f"--steps must be at least {warmup + 2} here ({warmup} warm-up steps are dropped), got {steps}")
+    cases = [Case("sd15", "sd", steps, warmup), Case("sdxl", "sdxl", steps, warmup)]
     build = tiny_pipeline if quick else full_size_pipeline
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
