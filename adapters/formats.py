@@ -499,8 +499,8 @@ def _read_embeddings(folder: Path, limits: Limits) -> Embeddings:
         return {}, ()
     tensors, meta = load_safetensors(path, limits)
     tokens = _json_field(meta, "new_tokens", path, list)
-    if not all(isinstance(t, str) for t in tokens):
-        raise InvalidAdapter(f"{path.name}: header field 'new_tokens' must list tokens as text")
+    if not _holds(tokens, _BESPOKE_TYPES["new_tokens"]):
+        raise InvalidAdapter(f"{path.name}: header field 'new_tokens' must be {_BESPOKE_TYPES['new_tokens']}")
     return tensors, tuple(tokens)
 
 

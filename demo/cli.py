@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-MAX_SEED = 2**63 - 1  # below gen.sampler.SEED_LIMIT (not imported: it would bring torch into building the parser)
+from gen.seeds import SEED_LIMIT
 
 
 def _add_base_args(p: argparse.ArgumentParser) -> None:
@@ -26,13 +26,13 @@ def _add_base_args(p: argparse.ArgumentParser) -> None:
 
 
 def seed_arg(text: str) -> int:
-    """A ``--seed`` value: a whole number from 0 to 2**63 - 1, refused by argparse (a usage error, exit 2) otherwise."""
+    """A ``--seed`` value: a whole number below :data:`gen.seeds.SEED_LIMIT`, refused by argparse (a usage error, exit 2) otherwise."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give a whole number") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"seed must be between 0 and {MAX_SEED} (2**63 - 1), got {value}")
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"seed must be between 0 and {SEED_LIMIT - 1} (2**63 - 1), got {value}")
     return value
 
 

@@ -43,6 +43,7 @@ from gen.concepts import parse_mentions, parse_style, refuse_placeholders
 from gen.cuda_graph import GraphedUNet
 from gen.errors import InvalidRequest
 from gen.provenance import Provenance
+from gen.seeds import SEED_LIMIT
 from gen.serving import NO_ADAPTERS, AdapterServing, Resolved, ServingConfig
 
 # name -> (scheduler class, config overrides). All are diffusers' own.
@@ -57,7 +58,6 @@ MAX_IMAGES = 64
 MAX_STEPS = 1000
 MAX_SIDE = 4096
 MAX_PROMPT_CHARS = 2000  # text encoders read ~77 tokens (~300 characters); far longer text is refused, not fitted
-SEED_LIMIT = 2**63  # image seeds are 0 <= seed + i < 2**63: what torch.Generator.manual_seed takes without wrapping or overflow
 
 ProgressFn = Callable[[int, int], None]
 
@@ -103,10 +103,14 @@ def fit_prompt(tokenizer, prompt: str, expand: Callable[[str], str] = str) -> st
     """
     limit = tokenizer.model_max_length - 2  # start and end tokens
 
-    def fits(text: str) -> bool:
-        return len(tokenizer(expand(text), add_special_tokens=False, verbose=False).input_ids) <= limit
+    def tokens(text: str) -> int:
+        return len(tokenizer(expand(text), add_special_tokens=False, verbose=False).input_ids)
 
-    if fits(prompt):
+    def fits(text: str) -> bool:
+        return tokens(text) <= limit
+
+    n_tokens = tokens(prompt)
+    if n_tokens <= limit:
         return prompt
     cuts = [m.end() for m in re.finditer(r"[^\s,;]*[,;]+|[^\s,;]+", prompt)]
     if not fits(prompt[: cuts[0]]):
@@ -119,7 +123,6 @@ def fit_prompt(tokenizer, prompt: str, expand: Callable[[str], str] = str) -> st
         else:
             hi = mid - 1
     kept = prompt[: cuts[lo - 1]].rstrip(" ,;") if lo else ""
-    n_tokens = len(tokenizer(expand(prompt), add_special_tokens=False, verbose=False).input_ids)
     warnings.warn(
         f"prompt is {n_tokens} tokens, over the text encoder's limit of {limit}; dropped: {prompt[len(kept):].strip(' ,;')!r}",
         PromptTruncatedWarning,
@@ -272,7 +275,7 @@ class Sampler:
             prompt, resolved = fit_prompt(tokenizer, r.prompt), NO_ADAPTERS
         negative = fit_prompt(tokenizer, r.negative_prompt) if r.negative_prompt else None
         for name, fitted in (("prompt", prompt), ("negative prompt", negative)):
-            if fitted == "":  # one over-long first word: nothing the text encoder reads is left
+            if fitted == "":  # only separators fit (",,,,..."): nothing the text encoder reads is left
                 raise InvalidRequest(f"nothing of the {name} fits the text encoder")
         r = replace(r, prompt=prompt, negative_prompt=negative)
         return _Job(r, resolved.expand(prompt), image_seeds(r.seed, r.num_images), resolved)

@@ -25,12 +25,12 @@ from typing import Any
 
 from gen.errors import InvalidRequest
 from gen.lora_targets import TEXT_TARGETS, UNET_TARGETS, matches_target
+from gen.seeds import SEED_LIMIT
 
 PRESET_NAMES = ("quick", "balanced", "best")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TIMESTEP_BIASES = ("none", "earlier", "later")
 SMALL_BASE_MAX_SIZE = 128  # bases at or below this resolution use the "builtin" profile
-SEED_LIMIT = 2**63  # gen's sampler takes image seeds below this; validation image i uses the job's seed + i
 
 
 def _opt(default: Any, help: str) -> Any:

@@ -33,8 +33,8 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,7 +115,8 @@ def train_adapters(
             class_images(base, job.class_prompt, cfg.num_class_images, cfg.resolution, cfg.class_image_steps, report) if cfg.prior_preservation else None
             for job in prepared
         ]
-    run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(base, prepared, cfg)
+    identity = run_identity(base, prepared, cfg)
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else cache_dir() / "train" / identity  # a rerun of the same job resumes
     spec = LoraSpec(
         rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, unet_targets=cfg.unet_targets,
         text_targets=cfg.text_targets if cfg.text_encoder_lora else None,
@@ -124,7 +125,7 @@ def train_adapters(
     )
     try:
         with attach(base, spec) as lora, _seeded_global_rng(base, prepared):
-            curves, loop_seconds = _train(base, lora, prepared, class_sets, cfg, accelerator, run_dir, report, on_validation)
+            curves, loop_seconds = _train(base, lora, prepared, class_sets, cfg, accelerator, run_dir, identity, report, on_validation)
             results = [_result(base, lora, k, job, cfg, curves[k]) for k, job in enumerate(prepared)]
             trained = time.perf_counter()
             on_main_process(lambda: _evaluate(base, lora, prepared, results, accelerator, report))
@@ -177,7 +178,7 @@ def _seeded_global_rng(base: Base, jobs: Sequence[PreparedJob]) -> Iterator[None
         yield
 
 
-def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, report, on_validation) -> tuple[list[list[float]], float]:
+def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, identity: str, report, on_validation) -> tuple[list[list[float]], float]:
     """Set up data, optimizer and accelerate, then run the steps; returns each user's loss curve and the steps' seconds."""
     scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
     fit = functools.partial(fit_prompt, lora.tokenizers["tokenizer"])  # long captions are cut (with a warning)
@@ -223,7 +224,6 @@ def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerat
             per_row = per_row * _min_snr_weights(scheduler, batch.timesteps, cfg.min_snr_gamma, prediction)
         return torch.zeros(len(jobs), device=per_row.device).index_add(0, batch.users.to(per_row.device), per_row * batch.weights.to(per_row.device))
 
-    identity = run_identity(base, jobs, cfg)
     start, curves = _resume(accelerator, run_dir, identity, cfg, len(jobs))
     view = lora.view(base)
     lora.train(True)
@@ -313,12 +313,12 @@ def _diverged(accelerator: Accelerator, step: int, losses: torch.Tensor, run_dir
     good checkpoint is an earlier one, and a resume must not start from the bad one.
     """
     if accelerator.is_main_process:
-        for path, saved in _checkpoints(run_dir):
-            if saved >= step:
+        for path, state in _checkpoints(run_dir):
+            if state["step"] >= step:
                 _remove_checkpoint(path)
     bad = [f"{job.name}: {float(v)}" for job, v in zip(jobs, losses) if not math.isfinite(float(v))]
     last = _latest_checkpoint(run_dir, step - 1)
-    kept = f"the last good checkpoint is {last[0]} (step {last[1]})" if last else "no good checkpoint was saved (set checkpoint_every to keep one)"
+    kept = f"the last good checkpoint is {last[0]} (step {last[1]['step']})" if last else "no good checkpoint was saved (set checkpoint_every to keep one)"
     return TrainingDiverged(f"training diverged at step {step + 1} (loss {', '.join(bad)}); {kept}; try a lower learning rate")
 
 
@@ -390,11 +390,6 @@ def run_identity(base: Base, jobs: Sequence[PreparedJob], cfg: TrainConfig) -> s
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def default_run_dir(base: Base, jobs: Sequence[PreparedJob], cfg: TrainConfig) -> Path:
-    """A folder named by the run's identity, so a rerun of the same job resumes."""
-    return cache_dir() / "train" / run_identity(base, jobs, cfg)
-
-
 def _register_checkpoint_hooks(accelerator: Accelerator) -> None:
     """accelerate saves and loads the optimizer and RNG state; these hooks make it save only what trains."""
 
@@ -430,10 +425,10 @@ def _read_state(path: Path) -> dict | None:
     return state if isinstance(state, dict) and isinstance(state.get("step"), int) else None
 
 
-def _checkpoints(run_dir: Path) -> list[tuple[Path, int]]:
-    """Complete checkpoints, oldest first."""
-    found = [(path, state["step"]) for path in run_dir.glob("checkpoint-*") if (state := _read_state(path)) is not None]
-    return sorted(found, key=lambda c: c[1])
+def _checkpoints(run_dir: Path) -> list[tuple[Path, dict]]:
+    """Complete checkpoints with their states, oldest first."""
+    found = [(path, state) for path in run_dir.glob("checkpoint-*") if (state := _read_state(path)) is not None]
+    return sorted(found, key=lambda c: c[1]["step"])
 
 
 def _remove_checkpoint(path: Path) -> None:
@@ -441,8 +436,8 @@ def _remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _latest_checkpoint(run_dir: Path, max_step: float) -> tuple[Path, int] | None:
-    usable = [c for c in _checkpoints(run_dir) if c[1] <= max_step]
+def _latest_checkpoint(run_dir: Path, max_step: float) -> tuple[Path, dict] | None:
+    usable = [c for c in _checkpoints(run_dir) if c[1]["step"] <= max_step]
     return usable[-1] if usable else None
 
 
@@ -469,7 +464,7 @@ def _resume(accelerator: Accelerator, run_dir: Path, identity: str, cfg: TrainCo
     if not run_dir.is_dir():
         return 0, [[] for _ in range(users)]
     found = _checkpoints(run_dir)
-    other = next((path for path, _ in found if _read_state(path).get("run") != identity), None)
+    other = next((path for path, state in found if state.get("run") != identity), None)
     if other is not None:
         raise BespokeError(
             f"{other} is a checkpoint of another training run (other photos, options, users or process count, or an "
@@ -485,6 +480,6 @@ def _resume(accelerator: Accelerator, run_dir: Path, identity: str, cfg: TrainCo
     latest = _latest_checkpoint(run_dir, cfg.steps)
     if latest is None:
         return 0, [[] for _ in range(users)]
-    path, step = latest
+    path, state = latest
     accelerator.load_state(str(path))
-    return step, [list(c) for c in _read_state(path)["loss_curves"]]
+    return state["step"], [list(c) for c in state["loss_curves"]]
