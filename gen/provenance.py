@@ -25,7 +25,9 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "base": (str,), "base_fingerprint": (str,), "prompt": (str,), "negative_prompt": (str, type(None)),
     "seed": (int,), "scheduler": (str,), "steps": (int,), "guidance_scale": (int, float), "height": (int,), "width": (int,),
 }
-_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"adapters": (list,), "user": (str, type(None)), "package_version": (str,)}
+_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
+    "adapters": (list,), "user": (str, type(None)), "package_version": (str,), "dtype": (str, type(None)), "device": (str, type(None)),
+}
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class Provenance:
     adapters: tuple[dict, ...] = ()
     user: str | None = None
     package_version: str = field(default_factory=lambda: _package_version())
+    # The arithmetic the image came from: the same seed in bfloat16, or on another device, moves pixels by a few
+    # levels. Records written before these fields existed read as None (unknown).
+    dtype: str | None = None  # "float32", "float16", "bfloat16"
+    device: str | None = None  # the device type: "cpu", "cuda", "mps"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +95,22 @@ class Provenance:
             style=f"{styles[0]['concept']}:{styles[0]['weight']!r}" if styles else None,
             versions=versions or None,
         )
+
+
+def arithmetic(base) -> dict[str, str]:
+    """The ``dtype`` and ``device`` fields for images made on ``base`` (a :class:`gen.base.Base`)."""
+    return {"dtype": str(base.dtype).removeprefix("torch."), "device": base.device.type}
+
+
+def replay_differences(provenance: Provenance, base) -> list[str]:
+    """What differs between the run that made an image and a ``base`` about to replay it.
+
+    Settings replay exactly (:meth:`Provenance.generate_kwargs`); the weights and their arithmetic
+    belong to the loaded base, so a replay can only say where they differ.
+    """
+    here = arithmetic(base)
+    made = {name: getattr(provenance, name) for name in here}
+    return [f"{name} {made[name]} (replaying in {here[name]})" for name in here if made[name] is not None and made[name] != here[name]]
 
 
 def _check_type(name: str, value: object, types: tuple[type, ...]) -> None:

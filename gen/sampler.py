@@ -20,6 +20,7 @@ import contextlib
 import copy
 import math
 import numbers
+import os
 import re
 import secrets
 import threading
@@ -42,7 +43,7 @@ from gen.base import Base
 from gen.concepts import parse_mentions, parse_style, refuse_placeholders
 from gen.cuda_graph import GraphedUNet
 from gen.errors import InvalidRequest
-from gen.provenance import Provenance
+from gen.provenance import Provenance, arithmetic, read_provenance, replay_differences
 from gen.seeds import SEED_LIMIT
 from gen.serving import NO_ADAPTERS, AdapterServing, Resolved, ServingConfig
 
@@ -64,6 +65,10 @@ ProgressFn = Callable[[int, int], None]
 
 class PromptTruncatedWarning(UserWarning):
     """A prompt was longer than the text encoder accepts; the named words were dropped."""
+
+
+class ReplayWarning(UserWarning):
+    """A replayed image was made in another precision or on another device: its pixels may differ by a few levels."""
 
 
 @dataclass
@@ -220,6 +225,22 @@ class Sampler:
         )
         return self.generate_many([request])[0]
 
+    def replay(self, source: Provenance | str | os.PathLike, *, progress: ProgressFn | None = None) -> Generation:
+        """Make again the image that ``source`` (a PNG we wrote, or its record) describes.
+
+        Refused on another base: the same seed there is another image. Warns with
+        :class:`ReplayWarning` when the image was made in another dtype or on another device.
+        """
+        provenance = source if isinstance(source, Provenance) else read_provenance(source)
+        if provenance.base_fingerprint != self.base.fingerprint:
+            raise InvalidRequest(
+                f"the image was made on base {provenance.base_fingerprint} ({provenance.base}); this sampler serves {self.base.fingerprint}"
+            )
+        differences = replay_differences(provenance, self.base)
+        if differences:
+            warnings.warn(f"the image was made in {', '.join(differences)}: pixels may differ by a few levels", ReplayWarning, stacklevel=2)
+        return self.generate(**provenance.generate_kwargs(), progress=progress)
+
     def generate_many(self, requests: Sequence[Request], *, return_exceptions: bool = False) -> list[Generation] | list[Generation | Exception]:
         """Serve several requests (any users), batched with each other and with other threads' requests.
 
@@ -347,6 +368,7 @@ class Sampler:
                 width=r.width,
                 adapters=job.resolved.provenance(),
                 user=r.user,
+                **arithmetic(self.base),
             )
             for s in job.seeds
         ]

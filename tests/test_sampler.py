@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -6,7 +8,7 @@ import pytest
 from gen.base import load_base
 from gen.errors import InvalidRequest
 from gen.provenance import read_provenance, save_png
-from gen.sampler import SCHEDULERS, PromptTruncatedWarning, Request, Sampler
+from gen.sampler import SCHEDULERS, PromptTruncatedWarning, ReplayWarning, Request, Sampler
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +44,24 @@ def test_provenance_read_back_from_png_reproduces_the_image(sampler, tmp_path):
     prov = read_provenance(path)
     assert prov == gen.provenance[1]
     assert prov.base_fingerprint == sampler.base.fingerprint
+    assert (prov.dtype, prov.device) == ("float32", "cpu")
     again = sampler.generate(**prov.generate_kwargs())
     assert np.abs(_pixels(again.images[0]) - _pixels(gen.images[1])).max() <= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReplayWarning)  # same base, dtype and device: nothing to warn about
+        replayed = sampler.replay(path)
+    assert np.abs(_pixels(replayed.images[0]) - _pixels(gen.images[1])).max() <= 1
+
+
+def test_a_replay_on_another_base_is_refused_and_another_dtype_warns(sampler):
+    prov = sampler.generate("a mug", seed=3, steps=2).provenance[0]
+    with pytest.raises(InvalidRequest, match=f"made on base 0123456789abcdef .*serves {sampler.base.fingerprint}"):
+        sampler.replay(dataclasses.replace(prov, base_fingerprint="0123456789abcdef"))
+    with pytest.warns(ReplayWarning, match=r"dtype bfloat16 \(replaying in float32\), device cuda \(replaying in cpu\)"):
+        sampler.replay(dataclasses.replace(prov, dtype="bfloat16", device="cuda"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReplayWarning)  # a record from before these fields existed: unknown, so no warning
+        sampler.replay(dataclasses.replace(prov, dtype=None, device=None))
 
 
 def test_progress_callback_sees_every_step(sampler):
