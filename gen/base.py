@@ -293,7 +293,9 @@ class _quiet_hf:
 # by component. The same weights give the same fingerprint whether they are read from a folder
 # or held by a pipeline built in memory, and whatever device or dtype the pipeline runs in.
 # Hashing a large folder takes seconds, so folder results are cached on disk, keyed by each
-# weight file's path, size and modification time.
+# weight file's path, size, modification time, inode and status-change time. The last two are
+# what tools cannot set back (`cp -p`, rsync and `touch -r` restore mtime, not ctime), so a file
+# rewritten to the same size and mtime is hashed again rather than trusted.
 
 
 class _Hashers:
@@ -349,13 +351,14 @@ def _weight_files(folder: Path, component: str) -> list[Path]:
 
 
 def fingerprint_folder(folder: str | os.PathLike) -> Fingerprints:
-    """Fingerprints of a diffusers folder, cached on disk by weight-file size and mtime."""
+    """Fingerprints of a diffusers folder, cached on disk by the weight files' stat (see above)."""
     folder = Path(folder).resolve()
     class_name = _read_model_index(folder).get("_class_name", "")
     family = _family_of(class_name, str(folder))
     files = [(c, f) for c in WEIGHTED_COMPONENTS for f in _weight_files(folder, c)]
+    stats = [(c, f, f.stat()) for c, f in files]
     key = hashlib.sha256(
-        json.dumps([[c, str(f), f.stat().st_size, f.stat().st_mtime_ns] for c, f in files]).encode()
+        json.dumps([[c, str(f), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns] for c, f, st in stats]).encode()
     ).hexdigest()
     cache_file = cache_dir() / "fingerprints.json"
     cached = _read_json(cache_file)

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import pytest
@@ -42,6 +43,21 @@ def test_fingerprint_changes_when_any_weight_changes(tiny_sd_dir, tmp_path):
     save_file(tensors, weights)
     changed, original = fingerprint_folder(copy), fingerprint_folder(tiny_sd_dir)
     assert changed.adapted != original.adapted and changed.weights != original.weights
+
+
+def test_weights_rewritten_to_the_same_size_and_mtime_are_hashed_again(tiny_sd_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_sd_dir, copy)
+    weights = next((copy / "unet").glob("*.safetensors"))
+    before, stat = fingerprint_folder(copy), weights.stat()
+    with open(weights, "r+b") as f:  # one byte of the last tensor's data, in place: the size stays
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` or rsync would leave it
+    assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert fingerprint_folder(copy).adapted != before.adapted
 
 
 def test_a_damaged_fingerprint_cache_is_recomputed_not_trusted(tiny_sd_dir):
