@@ -55,11 +55,16 @@ class Mention:
     weight: float = 1.0
 
 
+# What ``float`` reads, less what a weight should never be written as: ``float`` also takes other
+# scripts' digits ("٠.٥"), digit-group underscores ("1_0") and words ("inf", "nan").
+_WEIGHT_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def parse_weight(text: str, where: str) -> float:
-    try:
-        weight = float(text)
-    except ValueError:
-        raise InvalidRequest(f"{where}: weight {text!r} is not a number") from None
+    """A mention's or style's weight: a plain decimal number within ``MAX_WEIGHT``."""
+    if not _WEIGHT_RE.fullmatch(text.strip()):
+        raise InvalidRequest(f"{where}: weight {text!r} is not a number")
+    weight = float(text)
     if not (math.isfinite(weight) and abs(weight) <= MAX_WEIGHT):
         raise InvalidRequest(f"{where}: weight {text} is outside [-{MAX_WEIGHT}, {MAX_WEIGHT}]")
     return weight

@@ -40,7 +40,9 @@ def test_mentions_with_and_without_weights():
         ("<rex:0.5> and <rex:0.7>", "<rex> is mentioned with two different weights"),
         ("<rex:lots>", "weight 'lots' is not a number"),
         ("<rex:3>", r"weight 3 is outside \[-2.0, 2.0\]"),
-        ("<rex:nan>", "weight nan is outside"),
+        ("<rex:nan>", "weight 'nan' is not a number"),
+        ("<rex:\u0660.\u0665>", "weight '\u0660.\u0665' is not a number"),  # Arabic-Indic digits: float() reads 0.5
+        ("<rex:0_5>", "weight '0_5' is not a number"),
         ("<Bespoke-Token-3>", "reserved token"),
     ],
 )
