@@ -25,7 +25,7 @@ def subject_instance(subject: str | world.Instance) -> world.Instance:
         instance = subject
     else:
         cls, _, idx = str(subject).rpartition("-")
-        if not idx.isdigit() or cls not in world.CLASSES:
+        if not (idx.isascii() and idx.isdigit()) or cls not in world.CLASSES:  # str.isdigit takes "²", int() does not
             raise ValueError(f"unknown sample subject {subject!r}; names look like 'robot-3' (one of: {', '.join(SAMPLE_SUBJECTS[:3])}, ...)")
         instance = world.Instance(cls, int(idx))
     if not world.is_held_out(instance):

@@ -141,8 +141,9 @@ def test_sample_subjects_are_held_out_and_deterministic(tmp_path):
     assert [p.name for p in paths] == ["mug-0-0.png", "mug-0-1.png"] and len(load_images(tmp_path)) == 2
     with pytest.raises(ValueError, match="not a held-out instance"):
         subject_instance("robot-42")
-    with pytest.raises(ValueError, match="unknown sample subject"):
-        subject_instance("unicorn-1")
+    for name in ("unicorn-1", "robot-\u00b2"):  # a superscript two passes str.isdigit, not int()
+        with pytest.raises(ValueError, match="unknown sample subject"):
+            subject_instance(name)
 
 
 def test_orientation_is_applied_when_pil_cannot_rewrite_the_exif(tmp_path):
