@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import numbers
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -116,10 +117,17 @@ def _trait_table(cls: str) -> tuple[Traits, ...]:
     return tuple(combos[i] for i in order[:INSTANCES_PER_CLASS])
 
 
+def _is_int(value: object) -> bool:
+    """An integer, numpy's included, but not a bool or a float that happens to be whole (2.0 == 2 would pass ``in``)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def instance_traits(instance: Instance) -> Traits:
     """The identity traits of an instance."""
-    if instance.cls not in CLASSES or not 0 <= instance.idx < INSTANCES_PER_CLASS:
-        raise ValueError(f"no such instance: {instance}")
+    if not isinstance(instance, Instance):
+        raise ValueError(f"expected an Instance, not {instance!r}")
+    if instance.cls not in CLASSES or not _is_int(instance.idx) or not 0 <= instance.idx < INSTANCES_PER_CLASS:
+        raise ValueError(f"no such instance: {instance} (classes {CLASSES}, idx an integer 0..{INSTANCES_PER_CLASS - 1})")
     return _trait_table(instance.cls)[instance.idx]
 
 
@@ -161,6 +169,8 @@ class SceneSpec:
         for value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"{value!r} is not one of {allowed}")
+        if not _is_int(self.count):  # 2.0 and True pass the check above, then break captions and read-back
+            raise ValueError(f"count must be an integer, one of {COUNTS}, not {self.count!r}")
         if self.colour is not None and self.colour not in COLOURS:
             raise ValueError(f"{self.colour!r} is not one of {COLOURS}")
         instance_traits(self.instance)
@@ -761,6 +771,7 @@ _SCENE_KEYWORDS = {
     "water": frozenset({"water", "waves"}),
     "sky": frozenset({"sky", "cloudy"}),
 }
+_BACKGROUND_WORDS = frozenset({"background", "wall", "plain"})
 _SEPARATORS = (" ", ", ")
 _P_OMIT_SIZE = 0.25
 _P_OMIT_POSITION = 0.15
@@ -860,8 +871,10 @@ def parse_caption(text: str) -> dict[str, object]:
     """Recover the attributes a caption states; None for those it leaves out.
 
     Keys: class, count, size, colour (the stated object colour, i.e. an override; None when
-    not stated), background, scene, position, accessory. Used to check that captions match
-    their specs, and by anyone who needs the ground truth of a prompt.
+    not stated), background, scene, position, accessory. Count and accessory default to 1 and
+    "none" (what "a mug" says); scene is "plain" for a background without a scene word and None
+    when the text names no background at all. Used to check that captions match their specs,
+    and by anyone who needs the ground truth of a prompt.
     """
     words = _WORD_RE.findall(text.lower())
     found: dict[str, object] = dict.fromkeys(("class", "count", "size", "colour", "background", "scene", "position", "accessory"))
@@ -881,7 +894,9 @@ def parse_caption(text: str) -> dict[str, object]:
             j -= 1
     found["count"] = 2 if {"two", "pair"} & set(words) else 1
     found["background"] = next((w for i, w in enumerate(words) if w in COLOURS and i not in used), None)
-    found["scene"] = next((s for s, keys in _SCENE_KEYWORDS.items() if keys & set(words)), "plain")
+    # "a photo of a mug" says nothing of the scene: "plain" only when a background is named at all
+    says_background = found["background"] is not None or bool(_BACKGROUND_WORDS & set(words))
+    found["scene"] = next((s for s, keys in _SCENE_KEYWORDS.items() if keys & set(words)), "plain" if says_background else None)
     found["position"] = next(
         (p for p, keys in (("left", {"left"}), ("right", {"right"}), ("center", {"center", "middle", "centered"})) if keys & set(words)),
         None,

@@ -75,16 +75,27 @@ def diversity(sampler: Sampler, evaluator, seed: int, per_class: int, **gen_kwar
     }
 
 
-def main() -> None:
+def evaluator_metrics(folder: Path = DEFAULT_DIR) -> dict:
+    """The accuracy table ``scripts/train_evaluator.py`` stored with the evaluator (its ``metrics``), to print beside the results."""
+    return json.loads((folder / "config.json").read_text()).get("metrics", {})
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--base", default="builtin")
-    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--base", default="builtin", help="'builtin' or a diffusers pipeline folder")
+    parser.add_argument("--n", type=int, default=200, help="held-out-combination prompts, one image each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-class", type=int, default=8, help="seed pairs per class for diversity")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--out", default="runs/eval_base")
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the base's own)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the base's own)")
+    parser.add_argument("--out", default="runs/eval_base", help="folder for eval_base.json and eval_base_examples.png")
+    args = parser.parse_args(argv)
+    # Refused before loading anything: with none, the run ends in a raw error after all the sampling.
+    for flag, value in (("--n", args.n), ("--per-class", args.per_class), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, not {value}")
+    if args.seed < 0:
+        parser.error(f"--seed must be at least 0, not {args.seed}")
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +103,7 @@ def main() -> None:
     base = load_base(args.base)
     sampler = Sampler(base)
     evaluator = load_evaluator()
-    evaluator_accuracy = json.loads((DEFAULT_DIR / "config.json").read_text()).get("accuracy", {})
+    evaluator_accuracy = evaluator_metrics()
     gen_kwargs = {"steps": args.steps, "guidance_scale": args.guidance}
     t0 = time.time()
     fidelity, examples = prompt_fidelity(sampler, evaluator, args.n, args.seed, **gen_kwargs)

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gen import world  # noqa: E402
 from gen.base import BUILTIN_BASE_DIR, Base  # noqa: E402
 from gen.grid import make_grid  # noqa: E402
+from gen.paths import replace_folder  # noqa: E402
 from gen.sampler import Sampler  # noqa: E402
 from gen.tokenizer import build_clip_tokenizer  # noqa: E402
 
@@ -171,9 +172,11 @@ class Pool:
 
 
 def render_pool(cfg: PretrainConfig) -> Pool:
-    """Pretraining instances in training combinations only (the same draws as ``world.sample_dataset``).
+    """Pretraining instances in training combinations only.
 
-    Chunks are seeded by their position, so any number of ``render_workers`` gives the same pool.
+    Chunks are seeded by their position, so any number of ``render_workers`` gives the same pool:
+    the chunk at ``start`` holds what ``world.sample_dataset(n, seed * 1_000_003 + start,
+    instances="pretrain", combos="train")`` draws.
     """
     chunk = 2000
     starts = list(range(0, cfg.pool_size, chunk))
@@ -474,36 +477,99 @@ def ema_pipeline(ema, params, vae, text_encoder, tokenizer, unet, keep: bool = F
 def save_base(pipe: StableDiffusionPipeline, cfg: PretrainConfig, out: Path, argv: list[str]) -> Path:
     """Save in diffusers layout with float16 weights (half the size; loading upcasts as asked)."""
     final = out / "base"
-    if final.exists():
-        shutil.rmtree(final)
-    pipe.to(torch.float16).save_pretrained(final, safe_serialization=True)
-    pipe.to(torch.float32)
-    (final / "bespoke.json").write_text(
-        json.dumps(
-            {
-                "sampling": {"steps": 25, "guidance_scale": 4.0, "scheduler": "ddim"},
-                "recipe": {"command": "python scripts/pretrain_base.py " + " ".join(argv), "config": asdict(cfg)},
-            },
-            indent=2,
+
+    def write(folder: Path) -> None:
+        try:
+            pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+        finally:
+            pipe.to(torch.float32)
+        (folder / "bespoke.json").write_text(
+            json.dumps(
+                {
+                    "sampling": {"steps": 25, "guidance_scale": 4.0, "scheduler": "ddim"},
+                    "recipe": {"command": "python scripts/pretrain_base.py " + " ".join(argv), "config": asdict(cfg)},
+                },
+                indent=2,
+            )
         )
-    )
+
+    replace_folder(final, write)
     return final
 
 
+def ship_base(final: Path, dest: Path = BUILTIN_BASE_DIR) -> None:
+    """Copy a saved base over the shipped one; a crash midway keeps the shipped one as it was."""
+    replace_folder(dest, lambda folder: shutil.copytree(final, folder))
+
+
+def comma_separated_ints(text: str) -> tuple[int, ...]:
+    """``"64,128,128"`` -> ``(64, 128, 128)``; argparse names this function in its error for anything else."""
+    return tuple(int(x) for x in text.split(","))
+
+
+# Settings that must be at least 1 / at least 0: a zero batch, interval or pool otherwise fails with a raw
+# IndexError or ZeroDivisionError minutes into a run, and a negative step count silently saves an untrained base.
+_AT_LEAST_ONE = ("pool_size", "vae_batch", "batch", "sample_every", "sample_steps", "checkpoint_every", "max_tokens", "text_hidden", "text_layers")
+_AT_LEAST_ZERO = ("seed", "vae_steps", "vae_decoder_steps", "steps", "warmup", "threads", "render_workers", "loader_workers", "max_minutes")
+# Settings a resumed run may change: how long it trains and how the work is spread, not what it learns from.
+RESUMABLE_CHANGES = frozenset({"out", "steps", "vae_steps", "vae_decoder_steps", "sample_every", "sample_steps", "checkpoint_every",
+                               "threads", "mixed_precision", "render_workers", "loader_workers", "max_minutes"})
+
+
+def _config_errors(cfg: PretrainConfig) -> list[str]:
+    """What is wrong with ``cfg``, checked before any work (rendering the pool alone takes minutes)."""
+    errors = [f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}" for name in _AT_LEAST_ONE if getattr(cfg, name) < 1]
+    errors += [f"--{name.replace('_', '-')} must be at least 0, not {getattr(cfg, name)}" for name in _AT_LEAST_ZERO if getattr(cfg, name) < 0]
+    for name in ("lr", "vae_lr"):
+        if not getattr(cfg, name) > 0:
+            errors.append(f"--{name.replace('_', '-')} must be positive, not {getattr(cfg, name)}")
+    if not 0 <= cfg.caption_dropout <= 1:
+        errors.append(f"--caption-dropout must be between 0 and 1, not {cfg.caption_dropout}")
+    if not 0 <= cfg.ema_decay < 1:
+        errors.append(f"--ema-decay must be in [0, 1), not {cfg.ema_decay}")
+    for name in ("unet_channels", "vae_channels"):
+        if not getattr(cfg, name) or min(getattr(cfg, name)) < 1:
+            errors.append(f"--{name.replace('_', '-')} must be positive channel counts, not {getattr(cfg, name)}")
+    if cfg.init_from:
+        missing = [part for part in ("vae", "text_encoder", "tokenizer", "unet") if not (Path(cfg.init_from) / part).is_dir()]
+        if missing:
+            errors.append(f"--init-from {cfg.init_from} is not a saved base (no {', '.join(missing)} folder)")
+    return errors
+
+
+def _resume_conflicts(cfg: PretrainConfig, out: Path) -> list[str]:
+    """Settings that differ from the run already in ``out``: resuming it would mix two runs (or fail loading its state)."""
+    started = (out / "vae_metrics.json").is_file() or (out / "checkpoint" / "step.json").is_file()
+    if not started or not (out / "config.json").is_file():
+        return []
+    saved = json.loads((out / "config.json").read_text())
+    now = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as saved
+    return [f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+
+
 def parse_args(argv: list[str]) -> tuple[PretrainConfig, bool]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Every option is a field of PretrainConfig (see its comments). A run into an --out that already holds a run "
+        "resumes it; only " + ", ".join(f"--{n.replace('_', '-')}" for n in sorted(RESUMABLE_CHANGES - {"out"})) + " may differ then.",
+    )
     for f in fields(PretrainConfig):
         kind = type(f.default)
         if kind is tuple:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=lambda s: tuple(int(x) for x in s.split(",")), default=f.default)
+            parser.add_argument("--" + f.name.replace("_", "-"), type=comma_separated_ints, default=f.default)
         else:
             parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     parser.add_argument("--ship", action="store_true", help="copy the result into gen/builtin/base")
     args = parser.parse_args(argv)
-    if args.sample_steps < 1:  # refused now rather than at the first sample grid, hours into a run
-        parser.error(f"--sample-steps must be at least 1, not {args.sample_steps}")
     ship = args.__dict__.pop("ship")
-    return PretrainConfig(**vars(args)), ship
+    cfg = PretrainConfig(**vars(args))
+    errors = _config_errors(cfg)  # refused now rather than at the first sample grid or checkpoint, hours into a run
+    if errors:
+        parser.error("; ".join(errors))
+    conflicts = _resume_conflicts(cfg, Path(cfg.out))
+    if conflicts:
+        parser.error(f"{cfg.out} holds a run with other settings ({'; '.join(conflicts)}); use another --out, or the same settings to resume it")
+    return cfg, ship
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -526,8 +592,7 @@ def main(argv: list[str] | None = None) -> None:
         step = json.loads(done.read_text())["step"] if done.is_file() else 0
         save_samples(pipe, out / f"samples_{step:06d}.png", step, cfg.sample_steps)
         if ship:
-            shutil.rmtree(BUILTIN_BASE_DIR, ignore_errors=True)
-            shutil.copytree(final, BUILTIN_BASE_DIR)
+            ship_base(final)
             print(f"shipped to {BUILTIN_BASE_DIR}")
 
 

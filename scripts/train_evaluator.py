@@ -31,6 +31,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gen import world  # noqa: E402
+from gen.paths import replace_folder  # noqa: E402
 from gen.evaluator import ATTRIBUTES, DEFAULT_DIR, EVAL_SEED_BASE, Evaluator, EvaluatorConfig, measure_accuracy, save_evaluator  # noqa: E402
 
 TARGET_ACCURACY = 0.97
@@ -156,13 +157,18 @@ def format_table(metrics: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help="folder to write (default: the shipped evaluator, replaced)")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--views-per-instance", type=int, default=TrainConfig.views_per_instance)
     parser.add_argument("--eval-n", type=int, default=TrainConfig.eval_n)
     args = parser.parse_args(argv)
     cfg = TrainConfig(seed=args.seed, epochs=args.epochs, views_per_instance=args.views_per_instance, eval_n=args.eval_n)
+    # Refused now: otherwise numpy fails (or an untrained model is saved) only after minutes of rendering and training.
+    for flag, value, least in (("--seed", cfg.seed, 0), ("--epochs", cfg.epochs, 1), ("--eval-n", cfg.eval_n, 1),
+                               ("--views-per-instance", cfg.views_per_instance, cfg.views_per_step)):
+        if value < least:
+            parser.error(f"{flag} must be at least {least}, not {value}")
     torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
     pool = build_pool(cfg)
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
               and metrics["identity_auc_same_class"] >= TARGET_AUC)
     print(f"targets (accuracy >= {TARGET_ACCURACY}, AUC >= {TARGET_AUC}): {'met' if passed else 'NOT met'}")
     command = "python scripts/train_evaluator.py" + "".join(" " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    save_evaluator(model, args.out, {
+    replace_folder(args.out, lambda folder: save_evaluator(model, folder, {
         "parameters": sum(p.numel() for p in model.parameters()),
         "input": "RGB 64x64, float NCHW in [0, 1]",
         "metrics": metrics,
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         "training_cpu_time_s": round(cpu_time, 1),
         "command": command,
         "torch": torch.__version__,
-    })
+    }))
     print(f"wrote {args.out} (pool + training: {train_time:.0f} s wall, {cpu_time:.0f} s CPU)")
 
 
