@@ -18,10 +18,13 @@ Concurrency (Gradio runs every event in a queue; each event has a concurrency gr
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import html
 import inspect
 import itertools
+import logging
+import math
 import os
 import threading
 from collections import deque
@@ -36,13 +39,14 @@ from adapters.samples import SAMPLE_SUBJECTS, subject_instance
 from adapters.train.config import PRESET_NAMES
 from demo.auth import Users
 from demo.file_guard import OutputsOnly
-from demo.jobs import JobState, JobStatus
+from demo.jobs import JobState, JobStatus, hide_paths
 from demo.service import DemoService
 from demo.uploads import UploadRefused
 from gen import world
 from gen.errors import BespokeError, InvalidRequest
 from gen.sampler import SCHEDULERS
 
+log = logging.getLogger(__name__)
 GENERATE_CONCURRENCY = 4
 WATCH_CONCURRENCY = 32
 WATCHERS_PER_USER = 2  # a page and one more tab follow a job live; an older one stops updating
@@ -59,15 +63,30 @@ DELETE_SCOPES = ("this version", "whole concept")
 # --- plumbing ---------------------------------------------------------------------------------
 
 
-def _user_error(e: BespokeError) -> gr.Error:
-    """A user's mistake as a Gradio error: one line per problem, escaped (messages quote user input)."""
+def _user_error(e: BespokeError, public: Callable[[str], str] = hide_paths) -> gr.Error:
+    """A user's mistake as a Gradio error: one line per problem, escaped (messages quote user input), server paths hidden."""
     if isinstance(e, UploadRefused):  # problems are escaped already
-        return gr.Error("Some photos cannot be used:<br>" + "<br>".join(f"• {p}" for p in e.problems), title="Photos refused", print_exception=False)
-    return gr.Error(html.escape(str(e), quote=False), print_exception=False)
+        return gr.Error("Some photos cannot be used:<br>" + "<br>".join(f"• {public(p)}" for p in e.problems), title="Photos refused", print_exception=False)
+    shown = public(str(e))
+    if shown != str(e):
+        log.warning("shown without its paths: %s", e)  # the operator keeps what the page hides
+    return gr.Error(html.escape(shown, quote=False), print_exception=False)
 
 
-def handler(fn: Callable) -> Callable:
-    """Turn :class:`BespokeError` into ``gr.Error`` (a message, no traceback), for functions and generators."""
+def _internal_error(e: Exception) -> gr.Error:
+    """Anything else is a bug or the server's trouble: the trace goes to the log, the page gets one line without paths."""
+    log.error("demo request failed", exc_info=e)
+    if isinstance(e, OSError):
+        return gr.Error(f"the server could not read or write a file ({html.escape(e.strerror or type(e).__name__, quote=False)}); see the server log", print_exception=False)
+    return gr.Error(f"internal error ({type(e).__name__}); see the server log", print_exception=False)
+
+
+def handler(fn: Callable, public: Callable[[str], str] = hide_paths) -> Callable:
+    """Turn every exception into ``gr.Error`` (a message, no traceback), for functions and generators.
+
+    :class:`BespokeError` says what the user can fix (``public`` hides server paths in it);
+    ``gr.Error`` raised by the handler passes as it is; anything else is logged with its trace.
+    """
     if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)
@@ -75,7 +94,11 @@ def handler(fn: Callable) -> Callable:
             try:
                 yield from fn(*args, **kwargs)
             except BespokeError as e:
-                raise _user_error(e) from None
+                raise _user_error(e, public) from None
+            except gr.Error:
+                raise
+            except Exception as e:
+                raise _internal_error(e) from None
 
         return gen_wrapper
 
@@ -84,9 +107,20 @@ def handler(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except BespokeError as e:
-            raise _user_error(e) from None
+            raise _user_error(e, public) from None
+        except gr.Error:
+            raise
+        except Exception as e:
+            raise _internal_error(e) from None
 
     return wrapper
+
+
+def _whole(value: float | None, name: str) -> int:
+    """A number from the page as an int; NaN, infinity or nothing (an API call can send them) is refused by name."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequest(f"{name} must be a whole number, got {value!r}")
+    return int(value)
 
 
 def _code(text: str) -> str:
@@ -182,6 +216,7 @@ def build_app(service: DemoService) -> gr.Blocks:
         return service.user_of(getattr(request, "username", None))
 
     watchers = Watchers()
+    handler = functools.partial(globals()["handler"], public=service.public)  # the service knows its folders
 
     with gr.Blocks(title="bespoke-diffusion", analytics_enabled=False) as demo:
         header = gr.Markdown()
@@ -315,7 +350,7 @@ def build_app(service: DemoService) -> gr.Blocks:
             sample = source_ == SOURCES[0] and service.world_base
             status = service.start_training(
                 who, concept=concept_, class_word=class_word_, preset=preset_, uploads=None if sample else (files or []),
-                subject=subject_ if sample else None, n_photos=int(n_) if sample else None, steps=steps_ or None,
+                subject=subject_ if sample else None, n_photos=_whole(n_, "the number of photos") if sample else None, steps=steps_ or None,
                 evaluate=evaluate_, upload_root=_upload_root(),
             )
             return _job_markdown(status)
@@ -334,17 +369,20 @@ def build_app(service: DemoService) -> gr.Blocks:
         def show_subject(subject_: str, n_: float):
             if subject_ not in SAMPLE_SUBJECTS:
                 return [], gr.update()
-            return service.sample_preview(subject_, int(n_)), world.CLASS_WORDS[subject_instance(subject_).cls]
+            return service.sample_preview(subject_, _whole(n_, "the number of photos")), world.CLASS_WORDS[subject_instance(subject_).cls]
 
         # --- handlers: generate ---
 
         @handler
         def generate(prompt_: str, negative_: str, seed_: float | None, n_: float, steps_: float, guidance_: float, scheduler_: str, compare_: bool, request: gr.Request, progress=gr.Progress()):
             who = user(request)
+            # The sampler batches concurrent requests into one pipeline call, run in one request's thread: gr.Progress
+            # finds its page through that thread's context, so each request's updates run in its own context.
+            here = contextvars.copy_context()
             result = service.generate(
-                who, prompt_, negative_prompt=negative_ or None, seed=seed_, steps=int(steps_),
-                guidance_scale=float(guidance_), num_images=int(n_), scheduler=scheduler_, compare=bool(compare_),
-                progress=lambda i, total: progress((i, total), desc="denoising"),
+                who, prompt_, negative_prompt=negative_ or None, seed=seed_, steps=_whole(steps_, "steps"),
+                guidance_scale=guidance_, num_images=_whole(n_, "the number of images"), scheduler=scheduler_, compare=bool(compare_),
+                progress=lambda i, total: here.run(progress, (i, total), desc="denoising"),
             )
             info = f"Seed {result.seed}: image *i* uses seed {result.seed} + *i*. Prompt: {_code(result.prompt)}"
             if result.base_prompt is not None:

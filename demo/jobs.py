@@ -12,16 +12,29 @@ Generation never waits for training: it runs on another base instance in request
 Cancelling sets a flag that the trainer's progress callback checks at every step (and every class
 image): it raises :class:`JobCancelled`, which unwinds training through its ``finally`` blocks,
 giving the borrowed base back untouched, and nothing is registered.
+
+Shutting down (:meth:`TrainingJobs.close`) cancels every job and waits a bounded time for the
+running step to end. A step can outlast that wait (a class image of a large base on a slow
+device), and the trainer thread is a daemon, so at exit its ``finally`` blocks never run: close
+then marks the job cancelled itself and runs the clean-ups the job registered with
+:meth:`Reporter.on_abandon` (the service deletes the run's validation images), and the job writes
+nothing more once cancelled.
+
+Messages a job shows are for the web page: server paths in them are hidden (:func:`hide_paths`);
+the server log keeps the full text.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
+import re
+import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -30,6 +43,25 @@ from gen.errors import BespokeError
 
 log = logging.getLogger(__name__)
 MAX_CURVE_POINTS = 2000  # loss points kept per job for the plot
+HIDDEN_PATH = "[server path]"
+# An absolute path (POSIX, ~/ or a Windows drive) not inside a word or a URL; it ends at a space,
+# a quote, a bracket, a separator or a colon, and a trailing full stop is the sentence's.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:~?/|[A-Za-z]:[\\/])[^\s'\"()<>|,;:]+(?<![.])")
+
+
+def hide_paths(text: str, roots: Iterable[str | os.PathLike] = ()) -> str:
+    """``text`` with every server path replaced by ``[server path]``, for a message shown on the web page.
+
+    Errors from the registry, the trainer and the OS name files (the registry index, a cache or temp
+    folder, the outputs folder): the page's user needs what went wrong, not where the server keeps
+    things. ``roots`` (and the home and temp folders) are matched first, so a path with spaces in
+    a known folder goes whole; any other absolute path goes up to its first space.
+    """
+    known = {os.fspath(r) for r in (*roots, os.path.expanduser("~"), tempfile.gettempdir()) if r and len(os.fspath(r)) > 1}
+    for root in sorted(known, key=len, reverse=True):
+        # Whole names only: /srv/reg is no part of /var/srv/reg or of /srv/registry.
+        text = re.sub(r"(?<![\w.~-])" + re.escape(root.rstrip("/\\")) + r"(?![^\s'\"()<>|,;:./\\])(?:[/\\][^\s'\"()<>|,;:]*)?(?<![.])", HIDDEN_PATH, text)
+    return _ABSOLUTE_PATH.sub(HIDDEN_PATH, text)
 
 
 class JobState(str, Enum):
@@ -75,11 +107,16 @@ class JobStatus:
 
 @dataclass
 class Job:
-    """A job as the trainer thread sees it: its request, its live status and its cancel flag."""
+    """A job as the trainer thread sees it: its request, its live status and its cancel flag.
+
+    ``request`` is dropped once the job finishes: each user's latest job is kept for their pages,
+    and its request holds the decoded photos (up to 20 of 40 MP each).
+    """
 
     status: JobStatus
     request: Any
     cancel: threading.Event = field(default_factory=threading.Event)
+    cleanups: list[Callable[[], None]] = field(default_factory=list)  # run by close() if the job does not stop in time
 
 
 class Reporter:
@@ -117,6 +154,10 @@ class Reporter:
         """Forget the validation images (their files are being deleted), so no page asks for them."""
         self._jobs._update(self._job, validations=())
 
+    def on_abandon(self, cleanup: Callable[[], None]) -> None:
+        """Have ``cleanup`` run if the app shuts down before this job stops (its own ``finally`` never runs then)."""
+        self._job.cleanups.append(cleanup)
+
 
 RunFn = Callable[[Any, Reporter], int]  # trains one request, returns the registered version
 
@@ -124,8 +165,9 @@ RunFn = Callable[[Any, Reporter], int]  # trains one request, returns the regist
 class TrainingJobs:
     """Queue and run training jobs one at a time; remember each user's latest job."""
 
-    def __init__(self, run: RunFn):
+    def __init__(self, run: RunFn, public: Callable[[str], str] = hide_paths):
         self._run = run
+        self._public = public  # a failure's message as the page shows it (server paths hidden)
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._latest: dict[str, Job] = {}
@@ -185,7 +227,13 @@ class TrainingJobs:
                 self._cond.wait(left)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Cancel everything and stop the trainer thread."""
+        """Cancel everything and stop the trainer thread, waiting at most ``timeout`` seconds for the running step.
+
+        A job still running then is marked cancelled here and its :meth:`Reporter.on_abandon`
+        clean-ups run: the thread is a daemon, so at exit it would stop where it is, its
+        ``finally`` blocks unrun. It writes nothing more (it is cancelled), and a registry write
+        it is inside finishes first as long as the registry is closed after this.
+        """
         with self._cond:
             self._closed = True
             for job in list(self._queue):
@@ -195,6 +243,19 @@ class TrainingJobs:
                 job.cancel.set()
             self._cond.notify_all()
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            return
+        with self._cond:
+            stuck = [job for job in self._latest.values() if job.status.state is JobState.RUNNING]
+            for job in stuck:
+                self._finish(job, JobState.CANCELLED, "cancelled: the app shut down during training")
+        for job in stuck:
+            log.warning("training job %s did not stop within %g s of shutting down; cancelled, its files removed", job.status.id, timeout)
+            for cleanup in job.cleanups:
+                try:
+                    cleanup()
+                except Exception:  # one failed clean-up must not stop the others, nor the shutdown
+                    log.exception("cleaning up training job %s", job.status.id)
 
     # --- the trainer thread ---
 
@@ -206,21 +267,25 @@ class TrainingJobs:
                 if self._closed:
                     return
                 job = self._queue.popleft()
+                request = job.request  # read under the lock: finishing a job drops it
                 self._set(job, state=JobState.RUNNING, phase="starting", queue_position=0)
                 self._renumber()
             try:
-                version = self._run(job.request, Reporter(self, job))
+                version = self._run(request, Reporter(self, job))
             except JobCancelled:
                 self._finish_locked(job, JobState.CANCELLED, "cancelled; nothing was registered")
             except BespokeError as e:
-                self._finish_locked(job, JobState.FAILED, str(e))
+                log.warning("training job %s failed: %s", job.status.id, e)  # the full message; the page's hides paths
+                self._finish_locked(job, JobState.FAILED, self._public(str(e)))
             except Exception as e:  # a bug: keep the app alive, log the trace, tell the user something went wrong
                 log.exception("training job %s failed", job.status.id)
                 self._finish_locked(job, JobState.FAILED, f"internal error ({type(e).__name__}); see the server log")
             else:
                 with self._cond:
                     self._set(job, version=version)
-                self._finish_locked(job, JobState.DONE, f"registered as version {version}")
+                self._finish_locked(job, JobState.DONE, f"registered as version {version}", after_close=True)
+            finally:
+                del request
 
     # --- status changes (under the condition's lock) ---
 
@@ -233,10 +298,15 @@ class TrainingJobs:
             self._set(job, **changes)
 
     def _finish(self, job: Job, state: JobState, message: str) -> None:
+        job.request = None  # the photos: only the status is kept for the user's pages
         self._set(job, state=state, message=message, finished_at=time.time())
 
-    def _finish_locked(self, job: Job, state: JobState, message: str) -> None:
+    def _finish_locked(self, job: Job, state: JobState, message: str, *, after_close: bool = False) -> None:
+        """Finish ``job``, unless close() already marked it cancelled; ``after_close``: even then (it did register)."""
         with self._cond:
+            if job.status.state.finished and not after_close:
+                log.info("training job %s, cancelled at shutdown, ended: %s", job.status.id, message)
+                return
             self._finish(job, state, message)
 
     def _renumber(self) -> None:

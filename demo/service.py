@@ -14,14 +14,20 @@ Everything the app writes goes under ``outputs`` (``users/<user>/generate/<run>`
 ``samples/``); only files the app wrote are ever returned to the page, named by the app. A
 training run's folder goes when the run fails or is cancelled; a concept's exports and training
 images go when it is deleted (a version's exports with the version), so nothing deleted is served.
+Run folders of the older layout (``users/<user>/train|exports/<run>``, no concept level) could
+never go with their concept, so they are removed when the service starts.
+
+Messages for the page hide server paths (:meth:`DemoService.public`); the server log keeps them.
 """
 
 from __future__ import annotations
 
 import math
+import logging
 import re
 import secrets
 import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -38,17 +44,20 @@ from adapters.registry.names import validate_name
 from adapters.samples import SAMPLE_SUBJECTS, sample_subject_images, subject_instance
 from adapters.train.config import PRESET_NAMES, resolve_config
 from adapters.validate import check_text
-from demo.jobs import JobStatus, Reporter, TrainingJobs
+from demo.jobs import JobStatus, Reporter, TrainingJobs, hide_paths
 from demo.uploads import UploadLimits, check_uploads
 from gen import world
 from gen.base import Base
 from gen.concepts import check_known, parse_mentions, substitute
 from gen.errors import BespokeError, InvalidRequest
+from gen.paths import cache_dir
 from gen.provenance import save_png
 from gen.sampler import SCHEDULERS, Request, Sampler
 from gen.serving import ServingConfig
 
+log = logging.getLogger(__name__)
 LOCAL_USER = "local"
+_OLD_RUN = re.compile(r"[0-9a-f]{32}")  # a run folder's name (uuid4().hex), right under train/ or exports/ in the older layout
 MAX_TRAIN_STEPS = 5000
 FIDELITY_KEYS = (
     "subject_fidelity", "autoencoder_ceiling", "subject_fidelity_above_class", "prompt_fidelity", "prompt_fidelity/recontext",
@@ -118,6 +127,7 @@ class DemoService:
         self.settings = settings
         self.outputs = Path(settings.outputs).expanduser().resolve()
         self.outputs.mkdir(parents=True, exist_ok=True)
+        self._remove_old_layout()
         self._load_base = load_base
         self.base = load_base()
         self.registry = Registry(settings.registry)
@@ -126,7 +136,28 @@ class DemoService:
         self.world_base = world_evaluator_applies(self.base, world.CLASS_WORDS[world.CLASSES[0]])
         self._train_base: Base | None = None
         self._train_base_lock = threading.Lock()
-        self.jobs = TrainingJobs(self._train)
+        self._server_roots = (self.outputs, self.registry.root, cache_dir(), Path(tempfile.gettempdir()), Path.home())
+        self.jobs = TrainingJobs(self._train, public=self.public)
+
+    def public(self, message: str) -> str:
+        """``message`` as a web page may show it: the server's paths (registry, outputs, cache, temp) hidden."""
+        return hide_paths(message, [p for root in self._server_roots for p in {str(root), str(Path(root).resolve())}])
+
+    def _remove_old_layout(self) -> None:
+        """Delete run folders of the older layout, ``users/<user>/train|exports/<run>`` with files directly inside.
+
+        Deleting a concept removes ``train/<concept>`` and ``exports/<concept>``; the older runs
+        there name no concept, so they outlived their concept and stayed served. A folder named
+        like a run that holds only run folders is a concept of that name (new layout) and stays.
+        """
+        for kind, run in (("train", _OLD_RUN), ("exports", re.compile(r"v\d+-[0-9a-f]{32}"))):
+            for folder in self.outputs.glob(f"users/*/{kind}/*"):
+                if not (_OLD_RUN.fullmatch(folder.name) and folder.is_dir() and not folder.is_symlink()):
+                    continue
+                children = list(folder.iterdir())
+                if not children or not all(run.fullmatch(c.name) and c.is_dir() and not c.is_symlink() for c in children):
+                    log.info("removing %s: a run folder of the older demo layout", folder)
+                    shutil.rmtree(folder, ignore_errors=True)
 
     # --- users and folders ---
 
@@ -243,19 +274,27 @@ class DemoService:
         steps = resolve_config(base, request.preset, **options).steps
         options.update(validation_every=max(1, steps // max(1, self.settings.validation_rounds)), num_validation_images=self.settings.validation_images)
         folder = self._run_dir(request.user, "train", request.concept)
+        writing = threading.Lock()  # the images are written, or removed at shutdown, never both at once
 
         def on_validation(v) -> None:
             paths = []
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                for i, image in enumerate(v.images):
-                    path = folder / f"step{v.step:06d}-{i}.png"
-                    image.save(path, format="PNG")
-                    paths.append(str(path))
-            except OSError:  # the concept was deleted meanwhile (its folder with it): a lost preview, not a failed run
-                return
+            with writing:
+                reporter.check()  # cancelled (or the app shut down and removed the folder): write nothing more
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    for i, image in enumerate(v.images):
+                        path = folder / f"step{v.step:06d}-{i}.png"
+                        image.save(path, format="PNG")
+                        paths.append(str(path))
+                except OSError:  # the concept was deleted meanwhile (its folder with it): a lost preview, not a failed run
+                    return
             reporter.validation(v.step, paths)
 
+        def abandon() -> None:  # the app shut down mid-step: this thread's own clean-up will not run
+            with writing:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        reporter.on_abandon(abandon)
         try:
             record = personalize(
                 base, request.user, request.concept, photos, request.class_word, captions=captions, registry=self.registry,

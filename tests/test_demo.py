@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -575,3 +576,169 @@ def test_demo_on_a_busy_port_says_so_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and f"error: cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err, err
     assert "Traceback" not in err and "GRADIO_SERVER_PORT" not in err
+
+
+def test_shutdown_mid_step_cancels_the_job_and_removes_its_files(local, monkeypatch):
+    """close() waited 5 s, then left the job 'running' and its unregistered run's images on disk: at exit the daemon
+    trainer thread stops where it is, so its own clean-up never runs. Now close marks it cancelled and removes them."""
+    import types
+
+    import adapters.train
+    from demo.jobs import JobState, TrainingJobs
+
+    in_step, release = threading.Event(), threading.Event()
+
+    def slow_step(base, user, concept, photos, class_word, *, on_validation, progress, **kw):
+        on_validation(types.SimpleNamespace(step=1, images=[Image.new("RGB", (8, 8))]))
+        in_step.set()
+        release.wait(30)  # one step longer than close() waits
+        on_validation(types.SimpleNamespace(step=2, images=[Image.new("RGB", (8, 8))]))
+        return types.SimpleNamespace(version=1)
+
+    monkeypatch.setattr(adapters.train, "personalize", slow_step)
+    jobs = TrainingJobs(local._train, public=local.public)
+    monkeypatch.setattr(local, "jobs", jobs)
+    train = local.outputs / "users" / "local" / "train" / "slow"
+    try:
+        local.start_training("local", concept="slow", class_word="robot", subject="robot-3", n_photos=3, evaluate=False)
+        assert in_step.wait(60) and list(train.rglob("*.png"))
+        jobs.close(timeout=0.1)
+        status = jobs.latest("local")
+        assert status.state is JobState.CANCELLED and "shut down" in status.message, status
+        assert not list(train.rglob("*.png"))
+    finally:
+        release.set()
+        jobs._thread.join(30)
+    assert not list(train.rglob("*.png"))  # the step's end, once the thread goes on, writes nothing more
+    assert jobs.latest("local").state is JobState.CANCELLED and "slow" not in local.handle("local").concepts()
+
+
+
+def test_a_finished_job_keeps_no_photos():
+    """Each user's latest job stays for their pages; its request (the decoded photos) stayed with it."""
+    from demo.jobs import JobState, TrainingJobs
+
+    jobs = TrainingJobs(lambda request, reporter: 1)
+    try:
+        jobs.submit("u", "c", ["photo"] * 3)
+        status = jobs.wait("u", -1, 0)
+        while not status.state.finished:
+            status = jobs.wait("u", status.revision, 5)
+        assert status.state is JobState.DONE and jobs._latest["u"].request is None
+    finally:
+        jobs.close()
+
+
+def test_failure_messages_hide_server_paths(local, monkeypatch):
+    """A registry error named the registry's index file on the page; the log keeps it, the page says '[server path]'."""
+    import types
+
+    import gradio as gr
+
+    from adapters.registry.errors import RegistryBusy
+    from demo.jobs import JobState, TrainingJobs
+
+    index = local.registry.root / "index.sqlite"
+    busy = RegistryBusy(f"the registry index {index} is locked by another process (waited 60 s); nothing was changed, try again")
+
+    def fails(request, reporter):
+        raise busy
+
+    jobs = TrainingJobs(fails, public=local.public)
+    try:
+        jobs.submit("local", "c", None)
+        status = jobs.wait("local", -1, 0)
+        while not status.state.finished:
+            status = jobs.wait("local", status.revision, 5)
+        assert status.state is JobState.FAILED and str(local.registry.root) not in status.message
+        assert status.message.startswith("the registry index [server path] is locked"), status.message
+    finally:
+        jobs.close()
+
+    fns = _api(local)
+    request = types.SimpleNamespace(username=None)
+    monkeypatch.setattr(local, "concept_rows", lambda user: (_ for _ in ()).throw(busy))
+    with pytest.raises(gr.Error) as shown:
+        fns["list_concepts"](request)
+    assert str(local.registry.root) not in shown.value.message and "[server path] is locked" in shown.value.message
+    missing = local.outputs / "nowhere" / "x.png"
+    monkeypatch.setattr(local, "concept_rows", lambda user: missing.read_bytes())  # a raw OSError, naming the file
+    with pytest.raises(gr.Error) as shown:
+        fns["list_concepts"](request)
+    assert "No such file or directory" in shown.value.message and str(missing) not in shown.value.message
+
+
+def test_numbers_the_page_cannot_send_are_refused_by_name(local):
+    """NaN passes Gradio's slider bounds check; int(nan) then failed as a bare 'Error'."""
+    import types
+
+    import gradio as gr
+
+    fns = _api(local)
+    request = types.SimpleNamespace(username=None)
+    nan = float("nan")
+    with pytest.raises(gr.Error, match="number of images must be a whole number"):
+        fns["generate"]("a red mug", "", 0, nan, 2, 4.0, "ddim", False, request, progress=lambda *a, **k: None)
+    with pytest.raises(gr.Error, match="steps must be a whole number"):
+        fns["generate"]("a red mug", "", 0, 1, nan, 4.0, "ddim", False, request, progress=lambda *a, **k: None)
+    with pytest.raises(gr.Error, match="guidance_scale must be"):
+        fns["generate"]("a red mug", "", 0, 1, 2, nan, "ddim", False, request, progress=lambda *a, **k: None)
+    with pytest.raises(gr.Error, match="number of photos must be a whole number"):
+        fns["start_training"]("Sample subject", "robot-3", nan, None, "c", "robot", "quick", 0, False, request)
+
+
+def test_run_folders_of_the_older_layout_are_removed_on_start(local):
+    """users/<u>/train|exports/<run>/ (no concept level) outlived their concept's deletion and stayed served."""
+    import uuid
+
+    users = local.outputs / "users" / "old"
+    old_train, old_export = users / "train" / uuid.uuid4().hex, users / "exports" / uuid.uuid4().hex
+    for folder, name in ((old_train, "step000001-0.png"), (old_export, "rex-v1-diffusers.zip")):
+        folder.mkdir(parents=True)
+        (folder / name).write_bytes(b"x")
+    hex_concept = uuid.uuid4().hex  # a concept may be named like a run: its run folders stay
+    kept = [users / "train" / hex_concept / uuid.uuid4().hex, users / "exports" / hex_concept / f"v2-{uuid.uuid4().hex}", users / "train" / "rex" / uuid.uuid4().hex]
+    for folder in kept:
+        folder.mkdir(parents=True)
+        (folder / "a.png").write_bytes(b"x")
+    local._remove_old_layout()
+    assert not old_train.exists() and not old_export.exists()
+    assert all((folder / "a.png").is_file() for folder in kept)
+
+
+def test_generate_progress_reaches_its_own_page_from_a_batched_thread(local, monkeypatch):
+    """Batched with another user's request, the pipeline runs in that request's thread: gr.Progress read that
+    thread's context, so this page's updates went to the other page (and this one showed none)."""
+    import contextvars
+    import types
+
+    from gen.errors import InvalidRequest
+
+    page: contextvars.ContextVar[str] = contextvars.ContextVar("page", default="none")
+    seen: list[str] = []
+
+    def batched_elsewhere(requests):
+        def leader():
+            page.set("the other page")
+            requests[0].progress(1, 2)
+
+        thread = threading.Thread(target=leader)
+        thread.start()
+        thread.join(10)
+        raise InvalidRequest("stop here")
+
+    monkeypatch.setattr(local.sampler, "generate_many", batched_elsewhere)
+    fn = _api(local)["generate"]
+    page.set("this page")
+    with pytest.raises(Exception, match="stop here"):
+        fn("a red mug", "", 0, 1, 2, 4.0, "ddim", False, types.SimpleNamespace(username=None), progress=lambda *a, **k: seen.append(page.get()))
+    assert seen == ["this page"], seen
+
+
+def test_hide_paths_takes_whole_paths_only():
+    from demo.jobs import hide_paths
+
+    roots = ["/srv/bespoke reg", "/srv/reg"]
+    assert hide_paths("the index /srv/bespoke reg/index.sqlite is locked", roots) == "the index [server path] is locked"
+    assert hide_paths("in /srv/registry2/a b; and /var/srv/reg/x.", roots) == "in [server path] b; and [server path]."
+    assert hide_paths("a / b, and/or 1/2 <rex:0.8>", roots) == "a / b, and/or 1/2 <rex:0.8>"
