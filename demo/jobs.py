@@ -101,8 +101,6 @@ class JobStatus:
     version: int | None = None  # the registered version, once done
     queue_position: int = 0  # jobs ahead of this one while queued
     revision: int = 0  # grows with every change, so watchers know when to redraw
-    submitted_at: float = field(default_factory=time.time)
-    finished_at: float | None = None
 
 
 @dataclass
@@ -299,7 +297,7 @@ class TrainingJobs:
 
     def _finish(self, job: Job, state: JobState, message: str) -> None:
         job.request = None  # the photos: only the status is kept for the user's pages
-        self._set(job, state=state, message=message, finished_at=time.time())
+        self._set(job, state=state, message=message)
 
     def _finish_locked(self, job: Job, state: JobState, message: str, *, after_close: bool = False) -> None:
         """Finish ``job``, unless close() already marked it cancelled; ``after_close``: even then (it did register)."""
