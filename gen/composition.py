@@ -37,6 +37,10 @@ def merge_adapters(
     every part must carry the primary's.
     """
     parts = [(primary, weight), *others]
+    for other, _ in others:
+        if _same_adapter(primary, other):
+            # Otherwise it merges into one adapter at twice the weight, and scoring it finds one concept where it expects two.
+            raise EvaluationError(f"cannot compose {_name(primary)} with itself: composition measures two different concepts; pick another concept or version")
     fits = base if base is not None else (primary.base_fingerprint,)
     for adapter, _ in parts:
         if adapter.base_fingerprint not in fits:
@@ -62,6 +66,18 @@ def merge_adapters(
     return replace(primary, tensors=tensors, rank=rank, alpha=float(rank), target_modules=targets)
 
 
+def _name(adapter: LoraAdapter) -> str:
+    who = "/".join(x for x in (adapter.user, adapter.concept) if x) or "an adapter"
+    return f"{who} v{adapter.version}" if adapter.version is not None else who
+
+
+def _same_adapter(x: LoraAdapter, y: LoraAdapter) -> bool:
+    """One adapter twice: the same recorded identity (user, concept, version), or the same weights."""
+    if x.version is not None and (x.user, x.concept, x.version) == (y.user, y.concept, y.version):
+        return True
+    return x.tensors.keys() == y.tensors.keys() and all(x.tensors[k] is y.tensors[k] or torch.equal(x.tensors[k], y.tensors[k]) for k in x.tensors)
+
+
 def _relative(similarity: float, real: float) -> float:
     """``similarity`` relative to real vs real, 0 when that is not positive (featureless references), as subject_fidelity does."""
     return similarity / real if real > 0 else 0.0
@@ -79,7 +95,9 @@ def composition_metrics(
     Keys are ``"<concept>/<metric>"``, plus ``joint_balance`` (the gap between the two joint fidelities).
     """
     if len(references) != 2:
-        raise EvaluationError(f"composition is scored for two concepts, got {len(references)}")
+        # One key: both concepts carry one name (a dict keeps one), e.g. an adapter composed with itself.
+        same = f" ({next(iter(references))!r}): the two concepts need different names" if len(references) == 1 else ""
+        raise EvaluationError(f"composition is scored for two concepts, got {len(references)}{same}")
     (x_name, y_name) = list(references)
     out: dict[str, float] = {}
     joint_fidelity = {}

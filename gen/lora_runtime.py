@@ -14,7 +14,8 @@ Serving many users from one warm base wants the opposite, so the layers are prep
   slot with one ``torch._foreach_copy_``; composing k adapters concatenates their ranks in one slot,
   each part's ``Bt`` scaled by its weight. Bank buffers and per-row slot indices are allocated
   once and filled in place (what a captured CUDA graph needs: :mod:`gen.cuda_graph`). Each row
-  gathers its ``A``/``Bt`` from the bank and runs ``torch.bmm``. When classifier-free guidance doubles the batch the per-row slot list is
+  gathers its ``A``/``Bt`` from the bank, into one set of per-row buffers that grows to the largest
+  batch and rank seen (a growth a forward could have read changes the graph key), and runs ``torch.bmm``. When classifier-free guidance doubles the batch the per-row slot list is
   repeated block-wise, so a negative-prompt row gets its prompt row's adapter (as in diffusers,
   where an active LoRA applies to both halves);
 * a batch with one adapter set may instead be copied into the *single* slot, a bank slot kept for
@@ -53,6 +54,7 @@ from gen.lora_targets import TEXT_TARGETS, UNET_TARGETS, matches_target
 
 EMPTY_SLOT = 0
 SINGLE_PATHS = ("bound", "slot", "fused")  # how a batch with one adapter set on every row runs
+MAX_ROW_VIEWS = 16  # (batch, rank) view sets of the per-row buffers kept (host objects only: remade when dropped)
 
 
 class AdapterDoesNotFit(InvalidRequest):
@@ -189,12 +191,35 @@ class _Readers:
 
 @dataclass
 class _GroupedA:
-    """A slot's A rows of each input group, concatenated, and the views that refill them after a load."""
+    """A slot's A rows of each input group, concatenated, in buffers sized for ``max_rank``: the slot's
+    rank ``r`` reads a contiguous prefix (members * r, in) of each, so a slot keeps one set of buffers
+    whatever ranks it holds over time (one per (slot, rank) grew with every composed rank served).
+    A graph captured at rank ``r`` reads that prefix; :meth:`LoraSlots.use` refills it before it can replay."""
 
-    loads: int  # the slot's load count when last filled
-    buffers: list[torch.Tensor]  # per group (members * rank, in)
-    dst: list[torch.Tensor]
-    src: list[torch.Tensor]
+    storage: list[torch.Tensor]  # per group, flat: members * max_rank * in
+    views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]  # rank -> buffers, dst, src
+    loads: int = -1  # the slot's load count when last filled
+    rank: int = -1  # and the rank it was laid out for
+
+
+@dataclass
+class _RowWeights:
+    """Every Linear layer's A (None for Conv2d and for input-group members) and every layer's Bt, and each
+    input group's A, for up to ``rows`` batch rows at up to ``rank``, in flat buffers.
+
+    A forward of ``n`` rows at rank ``r`` reads contiguous prefixes: (n, r, in) and (n, r, out). Row ``b``
+    always carries the slot of request row ``b % len(rows)`` (a CFG-doubled batch repeats the request
+    rows), so one fill of all ``rows`` serves every batch length. One set per model, grown to the
+    largest batch and rank seen: keyed per (request rows, batch, rank) they were never freed and grew
+    with every combination served (6.5x the bank after 28 mixed batches of ranks 4-32).
+    """
+
+    rows: int
+    rank: int
+    a: list[torch.Tensor | None]
+    bt: list[torch.Tensor]
+    grouped: list[torch.Tensor]
+    read: bool = False  # a forward read them (so a captured graph may): replacing them changes the graph key
 
 
 class LoraSlots:
@@ -221,9 +246,11 @@ class LoraSlots:
         self._active: _Active | None = None
         self._rows: dict[int, torch.Tensor] = {}  # batch length -> per-row slot indices (filled in place)
         self._row_index: dict[tuple[int, int], torch.Tensor] = {}  # (length, rows in the forward) -> indices repeated
-        # (length, rows in the forward, rank) -> every layer's A (Linear layers; None for Conv2d) and Bt per row,
-        # and each input group's A per row (batch, members * rank, in), of which its members' A are views
-        self._row_weights: dict[tuple[int, int, int], tuple[list[torch.Tensor | None], list[torch.Tensor], list[torch.Tensor]]] = {}
+        # Every layer's A and Bt per row, and each input group's A per row, of which its members' A are views
+        self._row_weights: _RowWeights | None = None
+        self._row_views: OrderedDict[tuple[int, int], tuple[list[torch.Tensor | None], list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
+        self._rows_per_request = 1  # forward rows per request row seen (2 with classifier-free guidance): what use_rows reserves
+        self._row_generation = 0  # bumped when per-row buffers a forward read are replaced: part of the graph key
         self._views: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # (slot, offset, rank, layers) -> A, Bt views
         self._pristine: list[torch.Tensor] | None = None
         self._graphs = GraphedCalls(self.device)  # fuse and restore, replayed on CUDA
@@ -234,7 +261,7 @@ class LoraSlots:
         self._readers: _Readers | None = _Readers()  # until the groups are learned
         self._shared: dict[int, _SharedProjection] = {}  # input group -> its projection, within one forward
         self._loads = [0] * slots  # loads into each slot: a grouped copy of its A is current when made since the last one
-        self._group_a: dict[tuple[int, int], _GroupedA] = {}
+        self._group_a: dict[int, _GroupedA] = {}  # slot -> its input groups' A
         self._handles = [layer.register_forward_hook(partial(self._hook, i)) for i, layer in enumerate(self.layers.values())]
         self._handles.append(model.register_forward_hook(lambda *_: self._shared.clear()))  # a stray entry holds an activation
 
@@ -349,20 +376,25 @@ class LoraSlots:
 
     def _grouped_a(self, slot: int) -> list[torch.Tensor]:
         """Each input group's ``A`` rows of ``slot``, concatenated (members * rank, in): what its shared
-        GEMM reads. Kept per (slot, rank) in buffers that never move, refilled by one batched copy
-        after the slot is loaded."""
+        GEMM reads. Prefixes of buffers kept per slot that never move (see :class:`_GroupedA`), refilled
+        by one batched copy after the slot is loaded or when its rank changed."""
         rank = self._ranks[slot]
-        grouped = self._group_a.get((slot, rank))
-        if grouped is None:  # the views are kept: making hundreds costs more host time than the copy (as in _slot_views)
-            buffers = [self.a[g[0]].new_empty(len(g) * rank, self.a[g[0]].shape[2]) for g in self._groups]
+        grouped = self._group_a.get(slot)
+        if grouped is None:
+            storage = [self.a[g[0]].new_empty(len(g) * self.max_rank * self.a[g[0]].shape[2]) for g in self._groups]
+            grouped = self._group_a[slot] = _GroupedA(storage, {})
+        views = grouped.views.get(rank)
+        if views is None:  # the views are kept: making hundreds costs more host time than the copy (as in _slot_views)
+            buffers = [buf[: len(g) * rank * self.a[g[0]].shape[2]].view(len(g) * rank, self.a[g[0]].shape[2]) for buf, g in zip(grouped.storage, self._groups)]
             dst = [buf[j * rank : (j + 1) * rank] for buf, g in zip(buffers, self._groups) for j in range(len(g))]
             src = [self.a[i][slot, :rank] for g in self._groups for i in g]
-            grouped = self._group_a[(slot, rank)] = _GroupedA(-1, buffers, dst, src)
-        if grouped.loads != self._loads[slot] and grouped.dst:
+            views = grouped.views[rank] = (buffers, dst, src)
+        buffers, dst, src = views
+        if (grouped.loads, grouped.rank) != (self._loads[slot], rank) and dst:
             with torch.no_grad():
-                torch._foreach_copy_(grouped.dst, grouped.src)
-        grouped.loads = self._loads[slot]
-        return grouped.buffers
+                torch._foreach_copy_(dst, src)
+        grouped.loads, grouped.rank = self._loads[slot], rank
+        return buffers
 
     def bind(self, parts: Sequence[tuple[PackedLora, float]]) -> None:
         """Every row uses ``parts`` (packed adapter, weight) read where they are: no copy. They must be on the slots' device."""
@@ -374,8 +406,9 @@ class LoraSlots:
     def use_rows(self, row_slots: Sequence[int]) -> None:
         """Row ``i`` of a request batch uses ``row_slots[i]``; a CFG-doubled batch repeats the list.
 
-        The indices, and each row's A and Bt gathered from its slot, are written into buffers kept
-        per batch length, in place, so a captured graph that reads them sees the new batch's slots.
+        The indices, and each row's A and Bt gathered from its slot, are written in place into buffers
+        that move only to grow (see :class:`_RowWeights`), so a captured graph that reads them sees the
+        new batch's slots.
         Gathering here, once per request batch, rather than in every layer's hook keeps two gathers
         per layer out of every denoising step.
         """
@@ -391,18 +424,57 @@ class LoraSlots:
         self._gather_row_weights()
 
     def _gather_row_weights(self) -> None:
-        """Refill the per-row weights of the active rows' batch length and rank (other sizes are refilled when next used)."""
+        """Refill the per-row weights for the active rows and rank: every batch of them reads a prefix."""
         if self._active is None or self._active.rows is None:
             return
-        for key in self._row_weights:
-            if (key[0], key[2]) == (len(self._active.rows), self._active.rank):
-                self._fill_row_weights(key)
+        self._reserve_rows(len(self._active.rows) * self._rows_per_request, self._active.rank)
+        self._fill_row_weights()
 
-    def _fill_row_weights(self, key: tuple[int, int, int]) -> None:
-        _, batch, rank = key
-        index = self._rows_for(batch)
+    def _reserve_rows(self, rows: int, rank: int) -> bool:
+        """Make the per-row buffers hold ``rows`` rows at ``rank`` (growing, never shrinking); whether they were replaced.
+
+        Replacing buffers a forward read frees memory a captured graph may read: the generation in
+        :meth:`graph_key` changes with them, so such a graph is never replayed again. Buffers no forward
+        read (reserved at :meth:`use_rows`, grown by the first forward) are replaced without that.
+        """
+        held = self._row_weights
+        if held is not None and rows <= held.rows and rank <= held.rank:
+            return False
+        if held is not None:
+            rows, rank = max(rows, held.rows), max(rank, held.rank)
+            if held.read:
+                self._row_generation += 1
+        self._row_views.clear()
+        new = partial(torch.empty, device=self.device, dtype=self.dtype)
+        a = [new(rows * rank * a.shape[2]) if isinstance(layer, nn.Linear) and i not in self._member else None
+             for i, (a, layer) in enumerate(zip(self.a, self.layers.values()))]
+        grouped = [new(rows * len(g) * rank * self.a[g[0]].shape[2]) for g in self._groups]
+        self._row_weights = _RowWeights(rows, rank, a, [new(rows * rank * bt.shape[2]) for bt in self.bt], grouped)
+        return True
+
+    def _row_views_for(self, batch: int, rank: int) -> tuple[list[torch.Tensor | None], list[torch.Tensor], list[torch.Tensor]]:
+        """Views (batch, rank, ...) of the per-row buffers' prefixes: made once per (batch, rank), a few kept."""
+        views = self._row_views.get((batch, rank))
+        if views is None:
+            held = self._row_weights
+            a_rows = [None if buf is None else buf[: batch * rank * a.shape[2]].view(batch, rank, a.shape[2]) for buf, a in zip(held.a, self.a)]
+            grouped = [buf[: batch * len(g) * rank * self.a[g[0]].shape[2]].view(batch, len(g) * rank, self.a[g[0]].shape[2]) for buf, g in zip(held.grouped, self._groups)]
+            for buf, g in zip(grouped, self._groups):
+                for j, member in enumerate(g):
+                    a_rows[member] = buf[:, j * rank : (j + 1) * rank]  # filled in place through the view
+            bt_rows = [buf[: batch * rank * bt.shape[2]].view(batch, rank, bt.shape[2]) for buf, bt in zip(held.bt, self.bt)]
+            views = self._row_views[(batch, rank)] = (a_rows, bt_rows, grouped)
+            while len(self._row_views) > MAX_ROW_VIEWS:
+                self._row_views.popitem(last=False)
+        return views
+
+    def _fill_row_weights(self) -> None:
+        """Gather every row's A and Bt from its slot into all the per-row buffers' rows, at the active rank."""
+        rows, rank, held = self._active.rows, self._active.rank, self._row_weights
+        a_rows, bt_rows, _ = self._row_views_for(held.rows, rank)
         with torch.inference_mode():
-            for src, dst in zip([*self.a, *self.bt], [*self._row_weights[key][0], *self._row_weights[key][1]]):
+            index = rows.repeat(-(-held.rows // len(rows)))[: held.rows]  # row b carries request row b % len(rows)
+            for src, dst in zip([*self.a, *self.bt], [*a_rows, *bt_rows]):
                 if dst is not None and dst.is_contiguous():
                     torch.index_select(src[:, :rank], 0, index, out=dst)
                 elif dst is not None:  # a view into its input group's buffer
@@ -414,19 +486,21 @@ class LoraSlots:
         return a_rows[i], bt_rows[i]
 
     def _row_buffers(self, batch: int) -> tuple[list[torch.Tensor | None], list[torch.Tensor], list[torch.Tensor]]:
-        """Every layer's A and Bt, and each input group's A, for ``batch`` rows: gathered on first use (in an
-        eager call, never under graph capture, which warms up eagerly), then refilled by :meth:`use_rows`."""
-        key = (len(self._active.rows), batch, self._active.rank)
-        if key not in self._row_weights:
-            r, new = self._active.rank, partial(torch.empty, device=self.device, dtype=self.dtype)
-            a_rows = [new(batch, r, *a.shape[2:]) if isinstance(layer, nn.Linear) else None for a, layer in zip(self.a, self.layers.values())]
-            grouped = [new(batch, len(g) * r, self.a[g[0]].shape[2]) for g in self._groups]
-            for buf, g in zip(grouped, self._groups):
-                for j, member in enumerate(g):
-                    a_rows[member] = buf[:, j * r : (j + 1) * r]  # filled in place through the view
-            self._row_weights[key] = (a_rows, [new(batch, r, bt.shape[2]) for bt in self.bt], grouped)
-            self._fill_row_weights(key)
-        return self._row_weights[key]
+        """Every layer's A and Bt, and each input group's A, for ``batch`` rows: reserved and filled by
+        :meth:`use_rows`, grown here (in an eager call, never under graph capture, which warms up eagerly)
+        for a batch longer than reserved."""
+        rows, rank = len(self._active.rows), self._active.rank
+        if batch % rows:
+            raise RuntimeError(f"a batch of {batch} rows cannot carry {rows} per-row adapters")
+        if batch > rows * self._rows_per_request:
+            self._rows_per_request = batch // rows
+        views = self._row_views.get((batch, rank))  # made only while the buffers hold (batch, rank): every layer's call but the first
+        if views is None:
+            if self._reserve_rows(batch, rank):
+                self._fill_row_weights()
+            views = self._row_views_for(batch, rank)
+        self._row_weights.read = True
+        return views
 
     def disable(self) -> None:
         self._set(None)
@@ -441,7 +515,7 @@ class LoraSlots:
             return None
         if active.rows is None:
             return ("slot", active.slot, active.rank, self.share_projections)
-        return ("rows", len(active.rows), active.rank, self.share_projections)
+        return ("rows", len(active.rows), active.rank, self.share_projections, self._row_generation)
 
     def _set(self, active: _Active | None) -> None:
         self.unfuse()
@@ -558,7 +632,8 @@ class LoraSlots:
         self._groups, self._readers = self._readers.groups(), None
         self._member = {i: (g, j) for g, members in enumerate(self._groups) for j, i in enumerate(members)}
         self._group_a.clear()
-        self._row_weights.clear()
+        self._row_weights = None  # no graph read them: a capture runs after two forwards with active hooks
+        self._row_views.clear()
         self._shared.clear()
 
     def _shared_projection(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
@@ -662,6 +737,10 @@ class LoraRuntime:
             if missing:
                 raise AdapterDoesNotFit(f"{what}: {component}.{missing[0]} lacks its lora_A or lora_B weight")
             pairs = {m: (tensors[f"{m}.lora_A.weight"], tensors[f"{m}.lora_B.weight"]) for m in modules}
+            ranks = sorted({a.shape[0] for a, _ in pairs.values()})
+            if ranks != [adapter.rank]:  # the scale is alpha / the declared rank, and the sampler budgets composed ranks by it
+                found = f"rank {ranks[0]}" if len(ranks) == 1 else f"mixed ranks {ranks}"
+                raise AdapterDoesNotFit(f"{what} declares rank {adapter.rank!r}, but its {component} LoRA tensors have {found}")
             parts[component] = self.slots[component].pack(pairs, adapter.scale, what, device)
         return PackedAdapter(parts)
 

@@ -49,7 +49,7 @@ def test_graph_key_says_which_modes_can_be_captured(pipe):
     runtime.activate([sets[0]], single="slot")
     assert runtime.graph_key() == ("slot", runtime.single_slot, 4, True)  # copied into the single slot: the same key for every set
     runtime.activate([sets[0], sets[1]])
-    assert runtime.graph_key() == ("rows", 2, 4, True)
+    assert runtime.graph_key() == ("rows", 2, 4, True, 0)  # 0: the per-row buffers were never replaced
 
 
 def test_mixed_batch_indices_are_rewritten_in_place_across_switches(pipe):

@@ -324,3 +324,103 @@ def test_either_packed_layout_gives_the_same_bt_and_survives_a_move(b_as_stored)
     for got in (packed, moved):
         assert all(torch.equal(x, y) for x, y in zip(got.a, a)) and all(torch.equal(x, y.t()) for x, y in zip(got.bt, b))
         assert all(x.is_contiguous() != b_as_stored for x in got.bt)
+
+
+def held_bytes(slots):
+    """Bytes of the device buffers a LoraSlots keeps besides its bank and pristine weights (per-row and grouped copies)."""
+    seen, skip = set(), {t.untyped_storage().data_ptr() for t in (*slots.a, *slots.bt)}
+
+    def walk(v):
+        if torch.is_tensor(v):
+            ptr = v.untyped_storage().data_ptr()
+            if ptr not in skip and ptr not in seen and v.dtype == slots.dtype:
+                seen.add(ptr)
+                yield v.untyped_storage().nbytes()
+        elif isinstance(v, dict):
+            for x in v.values():
+                yield from walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                yield from walk(x)
+        elif hasattr(v, "__dataclass_fields__"):
+            for name in v.__dataclass_fields__:
+                yield from walk(getattr(v, name))
+
+    return sum(walk({k: v for k, v in vars(slots).items() if k not in ("a", "bt", "_pristine", "layers", "_index")}))
+
+
+def test_per_row_and_grouped_buffers_stay_bounded_across_batch_sizes_and_ranks(unet, spec):
+    """Mixed batches of every (request rows, batch, rank) and single-slot sets of every composed rank reuse one
+    set of buffers sized by the largest seen: keyed per combination they grew without end (6.5x the bank)."""
+    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(**{**CONFIG.__dict__, "single": "slot"}))
+    slots = runtime.slots["unet"]
+    packs = {r: [(f"r{r}s{i}", runtime.pack(make(spec, 10 * r + i, rank=r, alpha=float(r)), f"{r}/{i}"), 1.0) for i in range(2)] for r in (2, 4, 8)}
+    sample, t, context = inputs(6)
+    forward(unet, sample, t, context)  # no hooks yet
+    # The largest first: three request rows at rank 8, CFG-doubled; a composed rank-12 set through the single slot.
+    plans = [[(packs[8][0],), (packs[4][0],), ()], [(packs[2][0],), ()], [(packs[4][1],), (packs[2][1],)], [(packs[2][0],), (packs[4][0],), (packs[2][1],)]]
+    big = [(packs[8][0], packs[4][0])] * 2
+    expected = {}
+    name = lambda s: tuple(k for k, _, _ in s)  # noqa: E731
+    for rows in plans:  # the reference: each row alone, its set bound (read in place)
+        for s in rows:
+            if name(s) not in expected:
+                runtime.activate([s], single="bound")
+                expected[name(s)] = forward(unet, sample[:1], t[:1], context[:1])
+    runtime.activate(big, single="bound")
+    expected_big = forward(unet, sample[:2], t[:2], context[:2])
+    held = None
+    for round_ in range(3):
+        for rows in plans if round_ else plans[:1]:  # round 0: the largest only
+            for repeat in (1, 2):  # without and with classifier-free guidance's doubled batch
+                runtime.activate(rows)
+                n = len(rows) * repeat
+                got = forward(unet, sample[:1].expand(n, -1, -1, -1), t[:n], context[:1].expand(n, -1, -1))
+                torch.testing.assert_close(got, torch.cat([expected[name(s)] for s in rows] * repeat), **TOL)
+            for composed in ([packs[8][0], packs[4][0]], [packs[2][0]], [packs[4][0], packs[2][1]]) if round_ else ():  # single slot: ranks 12, 2, 6
+                runtime.activate([tuple(composed)] * 2)
+                forward(unet, sample[:2], t[:2], context[:2])
+            runtime.activate(big)
+            torch.testing.assert_close(forward(unet, sample[:2], t[:2], context[:2]), expected_big, **TOL)
+        if held is None:
+            held = held_bytes(slots)
+    assert held_bytes(slots) == held
+    assert slots.input_groups  # the grouped copies took part
+
+
+def test_replacing_per_row_buffers_a_forward_read_changes_the_graph_key(unet, spec):
+    """A captured graph reads the per-row buffers where they lie: growing them (a longer batch, a higher rank)
+    must change the graph key so no graph recorded on the old ones replays; buffers no forward read yet
+    (reserved by use_rows, grown by the first forward's CFG-doubled batch) are replaced without that."""
+    runtime = LoraRuntime({"unet": unet}, CONFIG)
+    slots = runtime.slots["unet"]
+    low, high = (one_set(runtime, [(make(spec, s, rank=r), 1.0)], f"k{s}") for s, r in ((1, 4), (2, 8)))
+    for _ in range(2):  # learn the input groups first, as any capture does in its warm-up
+        runtime.activate([low, ()])
+        forward(unet, *inputs(4))  # reserved for 2 rows, grown to 4 before any layer read them
+    key = runtime.graph_key()
+    pointers = [b.data_ptr() for b in slots._row_weights.bt]
+    runtime.activate([(), low])  # other slots per row, as many rows, the same rank: the same buffers, refilled
+    assert runtime.graph_key() == key and [b.data_ptr() for b in slots._row_weights.bt] == pointers
+    runtime.activate([low, low, ()])  # 3 request rows (6 with CFG): longer buffers, read before
+    grown = runtime.graph_key()
+    assert grown[:4] == ("rows", 3, 4, True) and grown[4] != key[4]
+    runtime.activate([high, ()])  # a higher rank: new buffers again, but no forward read the 3-row ones: same generation
+    assert runtime.graph_key()[4] == grown[4]
+    forward(unet, *inputs(4))
+    runtime.activate([high, high, (), ()])  # 4 request rows: longer again, and the rank-8 ones were read
+    assert runtime.graph_key()[4] != grown[4]
+
+
+def test_an_adapter_whose_declared_rank_is_not_its_tensors_is_refused(unet, spec):
+    """The scale is alpha / the declared rank and the sampler budgets composed ranks by it: a source that does not
+    validate could hand over rank-8 tensors declared rank 4, scaled 2x and let through a composition over max_rank."""
+    from dataclasses import replace
+
+    runtime = LoraRuntime({"unet": unet}, RuntimeConfig(max_rank=8))
+    adapter = make(spec, 1, rank=8, targets=("to_q",))
+    runtime.pack(adapter, "alice/rex v1")
+    with pytest.raises(AdapterDoesNotFit, match="declares rank 4, but its unet LoRA tensors have rank 8"):
+        runtime.pack(replace(adapter, rank=4), "alice/rex v1")
+    with pytest.raises(AdapterDoesNotFit, match="declares rank 0, but"):  # once a ZeroDivisionError computing alpha / rank
+        runtime.pack(replace(adapter, rank=0), "alice/rex v1")
