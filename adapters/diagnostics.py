@@ -74,7 +74,11 @@ class LayerStats:
     def relative_norm(self) -> float | None:
         if self.weight_norm is None:
             return None
-        return self.delta_norm / self.weight_norm if self.weight_norm > 0 else math.inf
+        if self.weight_norm > 0:
+            return self.delta_norm / self.weight_norm
+        if self.delta_norm == 0:
+            return 0.0  # no update on a zero weight: dead, not exploding
+        return math.inf if math.isfinite(self.delta_norm) else float("nan")
 
     @property
     def spectral_norm(self) -> float:

@@ -250,12 +250,14 @@ def _compose(generate, base: Base, adapter: LoraAdapter, subject: Subject, partn
     flat = lambda rows: [im for row in rows for im in row]  # noqa: E731
     subject_solo = flat(run.images[i] for i, p in enumerate(run.prompts) if p.keeps_identity)[: n * settings.images_per_prompt]
     names = (_label(adapter), _label(other))
+    if names[0] == names[1]:  # two unnamed adapters (loaded from files): scores are keyed by name, so they need two
+        names = (f"{names[0]} ({SUBJECT})", f"{names[1]} ({PARTNER})")
     solo = {names[0]: subject_solo, names[1]: flat(grouped[f"solo {PARTNER}"])}
     composed = {names[0]: flat(grouped[f"composed {SUBJECT}"]), names[1]: flat(grouped[f"composed {PARTNER}"])}
     references = {names[0]: subject.references, names[1]: other_subject.references}
     metrics = composition_metrics(references, judge.identity, flat(grouped["joint"]), solo, composed)
     joint_readable = [t.replace(f"<{SUBJECT}>", f"<{adapter.concept or SUBJECT}>").replace(f"<{PARTNER}>", f"<{other.concept or PARTNER}>") for t in joint_texts]
-    return CompositionRun(names, metrics, subspace_overlap(adapter, other), joint_readable, grouped["joint"], solo, composed)
+    return CompositionRun(names, metrics, replace(subspace_overlap(adapter, other), names=names), joint_readable, grouped["joint"], solo, composed)
 
 
 # --- a training configuration ---------------------------------------------------------------------
@@ -316,6 +318,10 @@ def evaluate_config(
     if steps_list[0] is not None and steps_list[0] < 1:
         raise EvaluationError("curve steps must be positive")
     samples = [Subject.sample(name, photos) for name in subjects]  # every name checked before the first (long) training run
+    twice = sorted({name for name in subjects if list(subjects).count(name) > 1})
+    if twice:
+        # A second run would resume from the first one's checkpoints and overwrite its report folder.
+        raise EvaluationError(f"subject {', '.join(twice)} given more than once; name each subject once")
     own_registry = registry is None
     work = Path(tempfile.mkdtemp(prefix="bespoke-eval-"))
     registry = registry if registry is not None else Registry(work / "registry")
@@ -362,7 +368,7 @@ HEADLINE = (
     ("subject_fidelity", "subject fidelity (x real vs real)", "identity similarity to the photos / photos among themselves (DINO-like)"),
     ("identity_similarity", "identity similarity", "mean cosine to the photos"),
     ("real_vs_real", "real vs real", "the photos among themselves"),
-    ("subject_fidelity_above_class", "subject above class", "0 = any member of the class, 1 = another real photo"),
+    ("subject_fidelity_above_class", "subject above class", "0 = any member of the class, 1 = another real photo; a dash: the photos are no more alike than the class is to them"),
     ("autoencoder_ceiling", "autoencoder ceiling", "the photos' own subject fidelity through the base's VAE: about what a perfect adapter could score"),
     ("prompt_fidelity", "prompt fidelity", "stated attributes read back (world) or CLIP-T"),
     ("diversity", "diversity", "1 - cosine between images of one prompt (DIV-like, appearance)"),
@@ -505,10 +511,14 @@ def _diagnostics_section(report: HtmlReport, diag: AdapterDiagnostics) -> None:
             "spectra", "a fast decay means the layer uses few of its rank's directions",
         )
         report.plot(
-            bar_chart(labels, [layer.effective_rank for layer in layers], title="effective rank per layer", ylabel="effective rank", hlines={f"LoRA rank {layers[0].rank}": layers[0].rank}),
+            bar_chart(labels, [layer.effective_rank for layer in layers], title="effective rank per layer", ylabel="effective rank", hlines=_rank_lines(layers)),
             "effective_rank", "exp(entropy of the normalised singular values)",
         )
-    top = sorted(layers, key=lambda layer: -(layer.relative_norm if layer.relative_norm is not None else layer.delta_norm))[:10]
+    def size(layer) -> tuple[bool, float]:  # broken (NaN, infinite) layers first: a NaN key scrambled the whole order
+        v = layer.relative_norm if layer.relative_norm is not None else layer.delta_norm
+        return (math.isfinite(v), -v if math.isfinite(v) else 0.0)
+
+    top = sorted(layers, key=size)[:10]
     report.table(
         ["layer", "relative norm", "norm", "effective rank", "stable rank", "flags"],
         [[layer.module, layer.relative_norm, layer.delta_norm, layer.effective_rank, layer.stable_rank, ", ".join(layer.flags)] for layer in top],
@@ -516,6 +526,13 @@ def _diagnostics_section(report: HtmlReport, diag: AdapterDiagnostics) -> None:
     )
     if diag.token_embeddings:
         report.table(["encoder", *next(iter(diag.token_embeddings.values()))], [[enc, *stats.values()] for enc, stats in diag.token_embeddings.items()], "new token embeddings")
+
+
+def _rank_lines(layers) -> dict[str, float]:
+    """The LoRA rank as a reference level; imported adapters can hold another rank per layer, so the largest is drawn then."""
+    ranks = {layer.rank for layer in layers}
+    top = max(ranks)
+    return {f"LoRA rank {top}" if len(ranks) == 1 else f"largest LoRA rank {top} (ranks {min(ranks)}-{top})": top}
 
 
 def _training_section(report: HtmlReport, ev: AdapterEvaluation) -> None:
@@ -543,7 +560,11 @@ def _training_section(report: HtmlReport, ev: AdapterEvaluation) -> None:
 
 def _composition_section(report: HtmlReport, comp: CompositionRun) -> None:
     report.heading(f"Composition with {comp.names[1]}")
-    report.warnings(comp.overlap.warnings, ok=f"the two adapters' updates share little (mean overlap {comp.overlap.mean_column_overlap:.2f}, chance {comp.overlap.summary()['mean_chance']:.2f})")
+    if comp.overlap.layers:
+        ok = f"the two adapters' updates share little (mean overlap {comp.overlap.mean_column_overlap:.2f}, chance {comp.overlap.summary()['mean_chance']:.2f})"
+    else:  # the mean over no layers is NaN
+        ok = "the two adapters update no layer in common"
+    report.warnings(comp.overlap.warnings, ok=ok)
     header = ["concept", "joint fidelity", "solo fidelity", "composed fidelity", "interference", "leakage", "real cross-similarity"]
     rows = [[name, *[comp.metrics.get(f"{name}/{k}") for k in ("joint_fidelity", "solo_fidelity", "composed_fidelity", "interference", "leakage", "real_cross_similarity")]] for name in comp.names]
     report.table(header, rows, "joint: a prompt naming both; composed: the concept's own prompt with the other adapter's weights on too; leakage: how much more composed images resemble the other's photos than solo ones")
@@ -590,6 +611,12 @@ def report_data(ev: AdapterEvaluation, files: Sequence[str] = ()) -> dict[str, A
 SUMMARY_KEYS = ("subject_fidelity", "prompt_fidelity", "diversity", "prior_drift_identity", "prior_drift_class_accuracy", "memorization_copy_rate")
 
 
+def _mean_of(values: Sequence[float | None]) -> float:
+    """The mean of the measured values; NaN (a dash) when none was (np.nanmean warned "Mean of empty slice" then)."""
+    measured = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(measured)) if measured else float("nan")
+
+
 def write_config_report(evaluations: Sequence[AdapterEvaluation], folder: str | Path, title: str) -> Path:
     """One report per subject in a subfolder, and an index page with the table over subjects and their mean."""
     folder = Path(folder)
@@ -600,7 +627,7 @@ def write_config_report(evaluations: Sequence[AdapterEvaluation], folder: str | 
         write_report(ev, sub)
         rows.append([ev.subject.name, *[ev.run.metrics.get(k) for k in SUMMARY_KEYS], ev.seconds])
         data.append({"subject": ev.subject.name, "report": f"{ev.subject.name}/report.html", "metrics": ev.run.metrics, "curve": ev.curve, "seconds": ev.seconds})
-    means = [float(np.nanmean([r[i] if r[i] is not None else np.nan for r in rows])) for i in range(1, len(SUMMARY_KEYS) + 2)]
+    means = [_mean_of([r[i] for r in rows]) for i in range(1, len(SUMMARY_KEYS) + 2)]
     report.table(["subject", *[k.replace("_", " ") for k in SUMMARY_KEYS], "seconds"], rows + [["mean", *means]])
     curves = [ev for ev in evaluations if ev.curve]
     if curves:

@@ -8,7 +8,8 @@ The metrics themselves live in :mod:`gen.evaluate` (any base, pluggable models) 
   photos". Measured on prompts that keep the subject's colours (a recoloured subject is, to an
   identity embedding, partly another subject). Another instance of the same class already scores
   about 0.84 (robot-4 against robot-3's photos), so ``subject_fidelity_above_class`` also places
-  the subject between the base's plain class images (0) and real vs real (1).
+  the subject between the base's plain class images (0) and real vs real (1); it is left out when
+  real vs real is not above the class images' similarity (see :func:`gen.evaluate.fidelity_above_class`).
 * **prompt fidelity**: the fraction of attributes a prompt states (class, background, scene,
   position, size, count, accessory, colour) that the evaluator reads back from the images.
 * **prior drift**: for the plain class prompt ("a photo of a robot"), how the adapter moves class
@@ -30,6 +31,7 @@ class word is one of the world's classes (see :func:`world_evaluator_applies`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -39,13 +41,14 @@ from PIL import Image
 from gen import world
 from gen.adapter import LoraAdapter
 from gen.base import Base
-from gen.benchmark import PROMPT_KINDS, BenchmarkSettings, evaluation_prompt, evaluation_specs  # noqa: F401  (re-exported)
+from gen.benchmark import PROMPT_KINDS, SUBJECT_MARK, BenchmarkSettings, evaluation_prompt, evaluation_specs  # noqa: F401  (re-exported)
 from gen.evaluate import (  # noqa: F401  (the metrics live in gen; re-exported for callers of this module)
     PriorStats,
     autoencode,
     autoencoder_ceiling,
     class_accuracy,
     diversity,
+    fidelity_above_class,
     memorization,
     prior_drift,
     prompt_fidelity,
@@ -113,13 +116,16 @@ def world_fidelity_hook(
     in_scene = scene_ceiling(base, instance, specs, references, evaluator) if instance is not None else None
 
     def evaluate(sampler: Sampler, adapter: LoraAdapter) -> dict[str, float]:
-        prompts = [evaluation_prompt(kind, spec, adapter.trigger, settings.seed + i) for i, (kind, spec) in enumerate(specs)]
+        # Captions are made and scored with a mark in the trigger's place, which the world reads as no word: a trigger
+        # that is one ("red", "left") would otherwise count as a stated attribute, or steer which caption is drawn.
+        marked = [evaluation_prompt(kind, spec, SUBJECT_MARK, settings.seed + i) for i, (kind, spec) in enumerate(specs)]
+        prompts = [m.replace(SUBJECT_MARK, adapter.trigger) for m in marked]
         asks = [*prompts, class_prompt]
         counts = [settings.images_per_prompt] * len(prompts) + [settings.prior_images]
         requests = [Request(p, num_images=n, **sampling) for p, n in zip(asks, counts)]
         *prompted, prior = [g.images for g in sampler.generate_many(requests)]  # batched together
         images = [im for group in prompted for im in group]
-        image_prompts = [p for p in prompts for _ in range(settings.images_per_prompt)]
+        image_prompts = [p for p in marked for _ in range(settings.images_per_prompt)]
         kinds = [kind for kind, _ in specs for _ in range(settings.images_per_prompt)]
         metrics = subject_fidelity([im for im, kind in zip(images, kinds) if kind != "colour"], references, evaluator)
         metrics["prompt_fidelity"] = prompt_fidelity(images, image_prompts, evaluator)
@@ -133,8 +139,10 @@ def world_fidelity_hook(
         metrics.update(memorization(images, references).summary())
         # Where the subject sits between "any member of the class" (0) and "another real photo" (1): other
         # instances of a class already score well above 0.8x real-vs-real, so the ratio alone flatters.
-        floor = base_prior.identity_similarity
-        metrics["subject_fidelity_above_class"] = (metrics["identity_similarity"] - floor) / max(metrics["real_vs_real"] - floor, 1e-6)
+        # Left out when undefined (the photos no more alike than the class is to them), as a NaN would be.
+        above = fidelity_above_class(metrics["identity_similarity"], metrics["real_vs_real"], base_prior.identity_similarity)
+        if math.isfinite(above):
+            metrics["subject_fidelity_above_class"] = above
         if ceiling is not None:
             metrics["autoencoder_ceiling"] = ceiling
         if in_scene is not None:

@@ -23,7 +23,19 @@ from PIL import Image
 
 from gen import world
 from gen.errors import EvaluationError
-from gen.evaluate import Judge, WorldPromptScorer, cosine, diversity, memorization, prior_preservation, prompt_fidelity, subject_fidelity
+from gen.evaluate import (
+    Judge,
+    WorldPromptScorer,
+    cosine,
+    diversity,
+    fidelity_above_class,
+    memorization,
+    prior_preservation,
+    prompt_fidelity,
+    relative_to_real,
+    subject_fidelity,
+    world_class,
+)
 from gen.sampler import Request, Sampler
 
 # The world suite's variants, in the order prompts cycle through them, and their DreamBench kinds.
@@ -31,7 +43,7 @@ PROMPT_KINDS = ("recontext", "position", "accessory", "colour")
 DREAMBENCH_KINDS = ("recontextualization", "accessorization", "property")
 KIND_OF_VARIANT = {"recontext": "recontextualization", "position": "recontextualization", "accessory": "accessorization", "colour": "property"}
 SUBJECT = "{subject}"
-_MARK = "\x00"  # stands for the subject token while a world caption is made
+SUBJECT_MARK = "\x00"  # stands for the subject token while a world caption is made; no world word, so read as none
 
 # A subset of DreamBench's object prompts ("{0} {1}" = identifier + class noun there, {subject} here).
 _GENERIC = {
@@ -107,11 +119,11 @@ def evaluation_prompt(kind: str, spec: world.SceneSpec, trigger: str, seed: int)
 
 def world_prompts(class_word: str, n: int = 8, seed: int = 0, instance: world.Instance | None = None) -> list[BenchPrompt]:
     """``n`` world prompts for a subject of ``class_word`` (a world class), cycling through the variants."""
-    cls = next(c for c, w in world.CLASS_WORDS.items() if w == class_word)
+    cls = world_class(class_word)  # refuses a word the world has no class for
     prompts = []
     for i, (variant, spec) in enumerate(evaluation_specs(cls, n, seed, instance)):
-        caption = evaluation_prompt(variant, spec, _MARK, seed + i)
-        template = caption.replace(f"{_MARK} {class_word}", SUBJECT)
+        caption = evaluation_prompt(variant, spec, SUBJECT_MARK, seed + i)
+        template = caption.replace(f"{SUBJECT_MARK} {class_word}", SUBJECT)
         prompts.append(BenchPrompt(KIND_OF_VARIANT[variant], variant, template, class_word, keeps_identity=variant != "colour"))
     return prompts
 
@@ -266,7 +278,7 @@ def score_benchmark(run: BenchmarkRun, judge: Judge, class_word: str) -> Benchma
         if judge.prompt is not None:
             metrics[f"prompt_fidelity/{kind}"] = prompt_fidelity([images[i] for i in chosen], [plain[i] for i in chosen], judge.prompt)
         if flat[chosen[0]][0].keeps_identity:
-            metrics[f"subject_fidelity/{kind}"] = float(np.mean([per_image_identity[i] for i in chosen])) / metrics["real_vs_real"]
+            metrics[f"subject_fidelity/{kind}"] = relative_to_real(float(np.mean([per_image_identity[i] for i in chosen])), metrics["real_vs_real"])
         if len(chosen) > len({groups[i] for i in chosen}):
             metrics[f"diversity/{kind}"] = diversity([images[i] for i in chosen], judge.appearance, [groups[i] for i in chosen])
     if len(images) > len(run.images):
@@ -274,8 +286,7 @@ def score_benchmark(run: BenchmarkRun, judge: Judge, class_word: str) -> Benchma
     metrics.update(memorization(images, run.references, judge.appearance).summary())
     prior = prior_preservation(run.prior_adapted, run.prior_base, run.references, judge, class_word)
     metrics.update(prior)
-    floor = prior["prior_identity_similarity_base"]
-    metrics["subject_fidelity_above_class"] = (metrics["identity_similarity"] - floor) / max(metrics["real_vs_real"] - floor, 1e-6)
+    metrics["subject_fidelity_above_class"] = fidelity_above_class(metrics["identity_similarity"], metrics["real_vs_real"], prior["prior_identity_similarity_base"])
     run.metrics = metrics
     k = 0
     run.per_prompt = []

@@ -22,7 +22,7 @@ import torch
 
 from gen.adapter import LoraAdapter
 from gen.errors import EvaluationError
-from gen.evaluate import Embedder, Images, mean_similarity, real_vs_real
+from gen.evaluate import Embedder, Images, mean_similarity, real_vs_real, relative_to_real
 
 
 def merge_adapters(
@@ -78,11 +78,6 @@ def _same_adapter(x: LoraAdapter, y: LoraAdapter) -> bool:
     return x.tensors.keys() == y.tensors.keys() and all(x.tensors[k] is y.tensors[k] or torch.equal(x.tensors[k], y.tensors[k]) for k in x.tensors)
 
 
-def _relative(similarity: float, real: float) -> float:
-    """``similarity`` relative to real vs real, 0 when that is not positive (featureless references), as subject_fidelity does."""
-    return similarity / real if real > 0 else 0.0
-
-
 def composition_metrics(
     references: Mapping[str, Images],
     embedder: Embedder,
@@ -103,14 +98,14 @@ def composition_metrics(
     joint_fidelity = {}
     for x, y in ((x_name, y_name), (y_name, x_name)):
         rvr = real_vs_real(references[x], embedder)
-        joint_fidelity[x] = _relative(mean_similarity(joint, references[x], embedder), rvr)
+        joint_fidelity[x] = relative_to_real(mean_similarity(joint, references[x], embedder), rvr)
         out[f"{x}/joint_fidelity"] = joint_fidelity[x]
         out[f"{x}/real_cross_similarity"] = mean_similarity(references[x], references[y], embedder)
         if solo is not None and composed is not None:
             solo_cross = mean_similarity(solo[x], references[y], embedder)
             composed_cross = mean_similarity(composed[x], references[y], embedder)
-            solo_fidelity = _relative(mean_similarity(solo[x], references[x], embedder), rvr)
-            composed_fidelity = _relative(mean_similarity(composed[x], references[x], embedder), rvr)
+            solo_fidelity = relative_to_real(mean_similarity(solo[x], references[x], embedder), rvr)
+            composed_fidelity = relative_to_real(mean_similarity(composed[x], references[x], embedder), rvr)
             out.update({
                 f"{x}/solo_fidelity": solo_fidelity,
                 f"{x}/composed_fidelity": composed_fidelity,

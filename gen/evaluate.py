@@ -264,12 +264,37 @@ def real_vs_real(references: Images, embedder: Embedder | Evaluator | None = Non
     return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
 
 
+def relative_to_real(similarity: float, real: float) -> float:
+    """``similarity`` relative to real vs real; 0 when that is not positive (featureless references)."""
+    return similarity / real if real > 0 else 0.0
+
+
+# The least gap (cosine) between real vs real and the class floor that :func:`fidelity_above_class` divides
+# by: over a shorter scale, noise of that size at either end moves the ratio by a whole unit or more.
+MIN_CLASS_GAP = 0.01
+
+
+def fidelity_above_class(identity_similarity: float, real: float, class_floor: float) -> float:
+    """Where ``identity_similarity`` sits between the class floor (0: the base's plain class images against
+    the photos) and real vs real (1: another real photo).
+
+    NaN when real vs real is not at least :data:`MIN_CLASS_GAP` above the floor: the identity embedder then
+    finds the base's class images about as like the photos as the photos are to each other, so there is no
+    scale to place the subject on (dividing by the gap gave numbers like -166648). Reports show it as a
+    dash, JSON as null.
+    """
+    gap = real - class_floor
+    if not gap >= MIN_CLASS_GAP:  # also NaN inputs
+        return float("nan")
+    return (identity_similarity - class_floor) / gap
+
+
 def subject_fidelity(generated: Images, references: Images, embedder: Embedder | Evaluator | None = None) -> dict[str, float]:
     """Identity similarity of generated images to the references, raw and relative to real vs real."""
     embedder = as_embedder(embedder)
     sim = mean_similarity(generated, references, embedder)
     real = real_vs_real(references, embedder)
-    return {"identity_similarity": sim, "real_vs_real": real, "subject_fidelity": sim / real if real > 0 else 0.0}
+    return {"identity_similarity": sim, "real_vs_real": real, "subject_fidelity": relative_to_real(sim, real)}
 
 
 def autoencoder_ceiling(base: Base, references: Images, embedder: Embedder | Evaluator | None = None) -> float:
@@ -288,7 +313,7 @@ def autoencoder_ceiling(base: Base, references: Images, embedder: Embedder | Eva
     sims = similarity_matrix(decoded, references, embedder)
     others = ~torch.eye(len(references), dtype=torch.bool)
     real = real_vs_real(references, embedder)
-    return float(sims[others].mean()) / real if real > 0 else 0.0
+    return relative_to_real(float(sims[others].mean()), real)
 
 
 @torch.no_grad()
@@ -331,17 +356,16 @@ def diversity(images: Images, embedder: Embedder | None = None, groups: Sequence
     groups = list(groups) if groups is not None else [0] * len(images)
     if len(groups) != len(images):
         raise EvaluationError(f"got {len(groups)} group labels for {len(images)} images")
+    members = [[i for i, g in enumerate(groups) if g == label] for label in dict.fromkeys(groups)]
+    members = [idx for idx in members if len(idx) >= 2]
+    if not members:  # before embedding: some embedders fail on no images at all
+        raise EvaluationError("diversity needs at least two images of one prompt (images_per_prompt >= 2)")
     emb = embedder.embed(images)
     values = []
-    for label in dict.fromkeys(groups):
-        idx = [i for i, g in enumerate(groups) if g == label]
-        if len(idx) < 2:
-            continue
+    for idx in members:
         sims = cosine(emb[idx], emb[idx])
         n = len(idx)
         values.append(1.0 - float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1))))
-    if not values:
-        raise EvaluationError("diversity needs at least two images of one prompt (images_per_prompt >= 2)")
     return float(np.mean(values))
 
 
