@@ -19,18 +19,7 @@ from gen.benchmark import BenchmarkRun, BenchmarkSettings, generic_prompts, scor
 from gen.errors import EvaluationError
 from gen.evaluate import Judge, WorldEmbedder, diversity, fidelity_above_class
 from gen.report import HtmlReport
-
-
-class TableEmbedder:
-    """Each image embedded as a fixed vector looked up by identity: exact similarities."""
-
-    name = "table"
-
-    def __init__(self, table):
-        self.table = table
-
-    def embed(self, images):
-        return torch.nn.functional.normalize(torch.tensor([self.table[id(im)] for im in images], dtype=torch.float32), dim=1)
+from test_evaluate import TableEmbedder  # noqa: E402  (tests/ is on the path, as for demo_support)
 
 
 def _run(reference_rows, generated_row, class_row):
