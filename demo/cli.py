@@ -36,9 +36,41 @@ def seed_arg(text: str) -> int:
     return value
 
 
+def output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` as a folder this run can write into, checked before any work (a bad one once failed with a traceback after it).
+
+    Nothing is created here: a run refused later for another reason leaves no empty folder behind.
+    """
+    from gen.errors import InvalidRequest
+
+    folder = Path(path)
+    probe = folder
+    while not probe.exists():  # the nearest existing ancestor is where the folder would be made
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise InvalidRequest(f"{flag} {folder}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InvalidRequest(f"{flag} {folder}: {probe} is not writable")
+    return folder
+
+
+def make_output_folder(folder: Path, flag: str = "--out") -> Path:
+    """Create ``folder`` (checked by :func:`output_folder`); a failure still names the flag instead of raising a traceback."""
+    from gen.errors import InvalidRequest
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidRequest(f"cannot create {flag} folder {folder}: {e.strerror or e}") from None
+    return folder
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from gen import Sampler, load_base, save_png
 
+    out = output_folder(args.out)
     base = load_base(args.base, device=args.device, dtype=args.dtype, allow_network=args.allow_network)
     sampler = Sampler(base)
     with tqdm(total=args.steps or base.defaults.steps, desc="denoising", unit="step", leave=False) as bar:
@@ -54,15 +86,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
             width=args.width,
             progress=lambda i, total: bar.update(i - bar.n),
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     records = []
     for image, prov in zip(result.images, result.provenance):
-        path = save_png(image, prov, out / f"{prov.seed:010d}.png")
+        path = out / f"{prov.seed:010d}.png"
+        if path.exists():
+            warnings.warn(f"replaced {path} (same seed in the same --out)", stacklevel=1)
+        save_png(image, prov, path)
         records.append({"file": path.name, **prov.to_dict()})
         print(path)
-    (out / "provenance.json").write_text(json.dumps(records, indent=2))
+    _write_sidecar(out / "provenance.json", records)
     return 0
+
+
+def _write_sidecar(path: Path, records: list[dict]) -> None:
+    """Add ``records`` to the folder's ``provenance.json``, atomically.
+
+    Earlier runs' entries for other files stay (rewriting the file with this run's alone left the
+    PNGs of earlier runs into the same ``--out``, the default ``outputs`` among them, undescribed).
+    """
+    new = {r["file"] for r in records}
+    kept: list[dict] = []
+    try:
+        old = json.loads(path.read_text())
+        if isinstance(old, list):
+            kept = [r for r in old if isinstance(r, dict) and r.get("file") not in new]
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):
+        warnings.warn(f"{path} could not be read as a list of records; it now holds this run's alone", stacklevel=1)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(kept + records, indent=2))
+    os.replace(tmp, path)
 
 
 QUICKSTART_CONTEXTS = (
@@ -82,6 +137,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from adapters.samples import sample_subject_images, subject_instance
     from gen.errors import InvalidRequest
 
+    out = output_folder(args.out)  # before minutes of training, not after
     try:
         instance = subject_instance(args.subject)
     except ValueError as e:
@@ -106,7 +162,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         with Registry(args.registry) as registry:
             record = personalize(
                 base, args.user, concept, photos, instance.cls, captions=captions, registry=registry, progress=bars, evaluate=evaluate,
-                preset=args.preset, **({"steps": args.train_steps} if args.train_steps else {}),
+                preset=args.preset, **({"steps": args.train_steps} if args.train_steps is not None else {}),  # 0 is refused, not the preset's
             )
             print_summary(record)
             sampler = Sampler(base, adapters=registry)
@@ -119,15 +175,16 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                 labels.append(prompt)
     finally:
         bars.close()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     seeds = [f"seed {args.seed + i}" for i in range(2)]
     grid = make_grid(
         rows, row_labels=labels, col_labels=[f"before: base, {s}" for s in seeds] + [f"after: <{concept}>, {s}" for s in seeds],
         title=f"{args.user}/{concept} v{record.version} on {base.source} ({base.fingerprint})",
     )
     path = out / "before_after.png"
-    grid.save(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    grid.save(tmp, format="PNG")
+    os.replace(tmp, path)  # an interrupted save leaves the previous grid, not half of a new one
     print(path)
     return 0
 
@@ -195,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     except BespokeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT, not a traceback from deep in torch
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -44,6 +44,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def port_arg(text: str) -> int:
+    """A ``--port`` value, 1-65535: refused by argparse (exit 2) before the base loads; 70000 once reached Gradio's bind() as a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: give a whole number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 1 and 65535, got {value}")
+    return value
+
+
 def add_demo_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``demo`` to the main CLI's subparsers."""
     from demo.cli import _add_base_args
@@ -55,7 +66,7 @@ def add_demo_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_base_args(p)
     p.add_argument("--auth", default=None, metavar="USERS_FILE", help="users file, one 'name:password' per line (default: $BESPOKE_DEMO_USERS, else no login)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for a team)")
-    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--port", type=port_arg, default=7860, help="port (default: 7860)")
     p.add_argument("--registry", default=None, help="registry folder (default: $BESPOKE_REGISTRY, else <cache dir>/registry)")
     p.add_argument("--outputs", default="outputs/demo", help="the only folder the app writes to and serves from (default: outputs/demo)")
     p.add_argument("--hash-password", action="store_true", help="read a password from stdin, print its users-file hash, and exit")

@@ -33,7 +33,7 @@ def _steps_list(text: str) -> list[int]:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     from adapters.train.config import PRESET_NAMES, add_config_arguments
-    from demo.cli import _add_base_args
+    from demo.cli import _add_base_args, seed_arg
 
     what = parser.add_argument_group("what to evaluate: a registered adapter (--user, --concept) or a training configuration (--train)")
     what.add_argument("--user", default=None, help="the adapter's owner")
@@ -57,7 +57,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--prior-images", type=int, default=8, help="plain class images, with and without the adapter (default: 8)")
     bench.add_argument("--sample-steps", type=int, default=None, help="denoising steps (default: the base's)")
     bench.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the base's)")
-    bench.add_argument("--eval-seed", type=int, default=0, help="sampling seed (default: 0)")
+    bench.add_argument("--eval-seed", type=seed_arg, default=0, help="sampling seed (default: 0)")
     bench.add_argument("--composition-prompts", type=int, default=4)
     bench.add_argument("--clip", default=None, metavar="DIR", help="a local CLIP model folder: CLIP-I and CLIP-T instead of the world's evaluator")
     bench.add_argument("--dino", default=None, metavar="DIR", help="a local DINO/ViT model folder for subject fidelity")
@@ -118,6 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from adapters.evaluation import evaluate_adapter, evaluate_config, write_config_report, write_report
     from adapters.registry import Registry
     from adapters.train.config import overrides_from_args
+    from demo.cli import output_folder
     from demo.cli_train import ProgressBars
     from gen.base import load_base
     from gen.benchmark import BenchmarkSettings
@@ -132,6 +133,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name in ("prompts", "images_per_prompt", "prior_images"):
         if getattr(args, name) < 1:
             raise InvalidRequest(f"--{name.replace('_', '-')} must be at least 1")
+    default_out = f"outputs/eval/train-{args.preset}" if args.train else None
+    if args.out or default_out:
+        output_folder(args.out or default_out)  # before the evaluation: a bad --out once failed with a traceback after it
     base = load_base(args.base, device=args.device, dtype=args.dtype, allow_network=args.allow_network)
     bars = ProgressBars()
     try:
@@ -157,6 +161,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             with Registry(args.registry) as registry:
                 handle = registry.for_user(args.user)
                 record = handle.record(args.concept, args.version)
+                out = output_folder(args.out or f"outputs/eval/{args.user}-{args.concept}-v{record.version}")  # before the evaluation
                 adapter = handle.get(args.concept, record.version)
                 subject = _subject(args.subject, args.references, base.default_size, "")
                 partner = None
@@ -170,7 +175,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 composition_prompts=args.composition_prompts, record=record.to_dict(), progress=bars,
             )
             bars.close()
-            out = Path(args.out or f"outputs/eval/{args.user}-{args.concept}-v{record.version}")
             path = write_report(evaluation, out)
             _print_metrics(evaluation.label, evaluation.run.metrics)
             for warning in evaluation.diagnostics.warnings + (evaluation.composition.overlap.warnings if evaluation.composition else []):

@@ -176,10 +176,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample_subject(args: argparse.Namespace) -> int:
     from adapters.samples import save_sample_subject
+    from demo.cli import output_folder
     from gen.errors import InvalidRequest
 
     if args.num_images < 1:  # 0 would write nothing and succeed; a negative count fails deep in numpy, naming the wrong thing
         raise InvalidRequest(f"-n/--num-images must be at least 1, got {args.num_images}")
+    output_folder(args.out)
     try:
         paths = save_sample_subject(args.subject, args.out, n=args.num_images, seed=args.seed)
     except ValueError as e:
