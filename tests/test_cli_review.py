@@ -98,3 +98,17 @@ def test_generate_keeps_earlier_runs_in_the_sidecar_and_says_when_it_replaces_a_
     records = json.loads((out / "provenance.json").read_text())
     assert [(r["seed"], r["prompt"]) for r in records] == [(3, "a red mug"), (6, "a red mug"), (5, "a blue mug")]
     assert sorted(p.name for p in out.iterdir()) == ["0000000003.png", "0000000005.png", "0000000006.png", "provenance.json"]
+
+
+def test_training_flags_show_the_values_the_presets_run():
+    """Each flag showed TrainConfig's own default ("--steps ... 400") while the built-in presets run 300/800/1500."""
+    import argparse
+
+    from adapters.train.config import PRESETS, add_config_arguments
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    steps = "/".join(str(cfg.steps) for cfg in PRESETS["builtin"].values())
+    assert f"builtin {steps}" in text and "TrainConfig default" not in text
+    assert "[default: None]" not in text  # alpha, resolution: their help says what stands in

@@ -20,7 +20,7 @@ import math
 import types
 import typing
 import warnings
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from gen.errors import InvalidRequest
@@ -308,15 +308,31 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind, is_tuple = _flag_type(hints[f.name])
-        default = f.default if f.default is not MISSING else None
-        shown = ",".join(default) if is_tuple else default
-        help_text = f"{f.metadata['help']} [TrainConfig default: {shown}]"
+        defaults = _preset_defaults(f.name, is_tuple)
+        help_text = f"{f.metadata['help']} [{defaults}]" if defaults else f.metadata["help"]
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif is_tuple:
             group.add_argument(flag, type=_names, default=None, metavar="A,B,...", help=help_text)
         else:
             group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=help_text)
+
+
+def _preset_defaults(name: str, is_tuple: bool) -> str:
+    """What runs when the flag is not given: one value, or each base profile's quick/balanced/best values.
+
+    Empty when that is None: the field's help says what stands in for it (the rank, the base's size).
+    """
+
+    def show(value) -> str:
+        return ",".join(value) if is_tuple and value is not None else str(value)
+
+    table = {profile: [show(getattr(cfg, name)) for cfg in presets.values()] for profile, presets in PRESETS.items()}
+    values = {v for row in table.values() for v in row}
+    if len(values) == 1:
+        value = values.pop()
+        return "" if value == "None" else f"default: {value}"
+    return "default per base and preset (quick/balanced/best): " + ", ".join(f"{p} {'/'.join(row)}" for p, row in table.items())
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
