@@ -146,13 +146,15 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from adapters.fidelity import world_captions, world_fidelity_hook
     from adapters.registry import Registry
     from adapters.train import personalize
-    from demo.cli_train import ProgressBars, print_summary
+    from demo.cli_train import ProgressBars, check_request, print_summary
     from gen import Sampler, load_base
     from gen.grid import make_grid
 
     base = load_base(args.base, device=args.device, dtype=args.dtype, allow_network=args.allow_network)
-    photos = sample_subject_images(instance, n=4, seed=args.seed)
     concept = args.subject.replace("-", "_")
+    options = {"steps": args.train_steps} if args.train_steps is not None else {}  # 0 is refused, not the preset's
+    check_request(base, args.user, concept, args.preset, options)
+    photos = sample_subject_images(instance, n=4, seed=args.seed)
     evaluate = world_fidelity_hook(base, instance.cls, photos, instance=instance)
     # as `bespoke train` does on a world base: per-photo captions (background, position, size) keep the
     # photos' contexts out of the concept (measured on robot-3: subject fidelity 0.22x bare, 0.73x captioned)
@@ -162,7 +164,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         with Registry(args.registry) as registry:
             record = personalize(
                 base, args.user, concept, photos, instance.cls, captions=captions, registry=registry, progress=bars, evaluate=evaluate,
-                preset=args.preset, **({"steps": args.train_steps} if args.train_steps is not None else {}),  # 0 is refused, not the preset's
+                preset=args.preset, **options,
             )
             print_summary(record)
             sampler = Sampler(base, adapters=registry)

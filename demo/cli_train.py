@@ -101,6 +101,21 @@ def process_state(device: str | None):
     return PartialState(cpu=cpu)
 
 
+def check_request(base, user: str, concept: str, preset: str, options: dict) -> None:
+    """Refuse bad names and options now: the fidelity hook and captions sample the base for a minute before
+    :func:`~adapters.train.personalize` would check them. Its own check warns, so this one stays quiet."""
+    import warnings
+
+    from adapters.registry.names import validate_name
+    from adapters.train.config import resolve_config
+
+    validate_name("user", user)
+    validate_name("concept", concept)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resolve_config(base, preset, **options)
+
+
 def run_train(args: argparse.Namespace):
     """Load the base, train, register; returns the registry record (in every process)."""
     from adapters.data import load_images
@@ -114,6 +129,7 @@ def run_train(args: argparse.Namespace):
 
     state = process_state(args.device)
     base = load_base(args.base, device=args.device or state.device, dtype=args.dtype, allow_network=args.allow_network)
+    check_request(base, args.user, args.concept, args.preset, overrides_from_args(args))
     captions = _read_captions(args.captions)
     world_applies = world_evaluator_applies(base, args.class_word)
     for flag in ("evaluate", "auto_captions"):

@@ -50,23 +50,25 @@ def test_eval_seed_and_demo_port_out_of_range_are_usage_errors(cli, capsys):
         assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_quickstart_train_steps_0_is_refused_not_replaced_by_the_presets(cli, tmp_path, capsys, monkeypatch):
-    """`--train-steps 0` was falsy, so the preset's 800 steps ran instead."""
-    import adapters.train
+def test_bad_names_and_options_are_refused_before_the_base_is_sampled(cli, tiny_sd_dir, tmp_path, capsys, monkeypatch):
+    """`quickstart --train-steps 0` was falsy, so the preset's 800 steps ran; bad names and options were refused only
+    after the fidelity hook and captions had sampled the base for a minute."""
+    import adapters.fidelity
     import gen
-    from gen.errors import InvalidRequest
+    from gen.base import load_base
 
-    seen = {}
-
-    def personalize(*args, **options):
-        seen.update(options)
-        raise InvalidRequest("stop here")  # only what reached the trainer matters
-
-    monkeypatch.setattr(gen, "load_base", lambda *a, **k: type("B", (), {"family": "sd", "default_size": 64})())
-    monkeypatch.setattr(adapters.train, "personalize", personalize)
-    monkeypatch.setattr("adapters.fidelity.world_fidelity_hook", lambda *a, **k: None)
+    tiny = load_base(tiny_sd_dir)
+    monkeypatch.setattr(gen, "load_base", lambda *a, **k: tiny)
+    monkeypatch.setattr("gen.base.load_base", lambda *a, **k: tiny)
+    for hook in ("world_fidelity_hook", "world_captions"):
+        monkeypatch.setattr(adapters.fidelity, hook, lambda *a, **k: pytest.fail("the base was sampled before the request was checked"))
     assert cli(["quickstart", "--train-steps", "0", "--registry", str(tmp_path / "reg"), "--out", str(tmp_path / "q")]) == 2
-    assert seen.get("steps") == 0
+    _one_error_line(capsys.readouterr().err, "steps must be >= 1, got 0")
+    train = ["train", "--class-word", "robot", "--images", str(tmp_path), "--registry", str(tmp_path / "reg")]
+    assert cli([*train, "--user", "../x", "--concept", "robo"]) == 2
+    _one_error_line(capsys.readouterr().err, "user")
+    assert cli([*train, "--user", "alice", "--concept", "robo", "--lr", "nan"]) == 2
+    _one_error_line(capsys.readouterr().err, "lr must be a finite number")
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(cli, capsys, monkeypatch):
