@@ -343,6 +343,8 @@ def _evaluate(base: Base, lora: Attachment, jobs: Sequence[PreparedJob], results
     if not todo:
         return
     sampler = Sampler(lora.view(base))
+    if report is not None:  # the phase shows now: each hook samples for a minute before the first count
+        report(0, len(todo), {"phase": "evaluate", "job": todo[0][1].name})
     for n, (k, job) in enumerate(todo, 1):
         started = time.perf_counter()
         with lora.using(k), accelerator.autocast():
