@@ -45,6 +45,7 @@ from accelerate.utils import broadcast_object_list
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel, cast_training_params, compute_snr
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from adapters.data import ImageLimits, fill
@@ -59,6 +60,7 @@ from gen.sampler import Sampler, fit_prompt
 
 STATE_FILE = "train_state.json"  # written last: a checkpoint folder without it is incomplete
 LORA_FILE = "lora.safetensors"
+EMA_FILE = "ema.safetensors"  # the moving average of the weights, with ``--ema-decay``
 LOSS_POINTS = 20  # loss-curve points kept in a record's metrics
 
 
@@ -192,11 +194,9 @@ def _train(base, lora: Attachment, jobs, class_sets, cfg: TrainConfig, accelerat
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     *prepared, optimizer = accelerator.prepare(*trainable.values(), optimizer)
     models = dict(zip(trainable, prepared))
-    _register_checkpoint_hooks(accelerator)
     every_param = [p for params in user_params for p in params]
     ema = EMAModel(every_param, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)  # resumed with the optimizer, so a resumed run ends on the same average
+    _register_checkpoint_hooks(accelerator, ema)  # the average resumes with the optimizer, so a resumed run ends on the same one
 
     encode = PromptEncoder(lora.tokenizers, {n: models.get(n, m) for n, m in lora.text_encoders.items()}, base.family, accelerator.device)
     condition = cached(encode, [c for c in data.captions() if not lora.training_changes(c)])
@@ -392,8 +392,13 @@ def run_identity(base: Base, jobs: Sequence[PreparedJob], cfg: TrainConfig) -> s
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _register_checkpoint_hooks(accelerator: Accelerator) -> None:
-    """accelerate saves and loads the optimizer and RNG state; these hooks make it save only what trains."""
+def _register_checkpoint_hooks(accelerator: Accelerator, ema: EMAModel | None = None) -> None:
+    """accelerate saves and loads the optimizer and RNG state; these hooks make it save only what trains.
+
+    The moving average goes into safetensors here too: ``register_for_checkpointing`` would pickle it
+    (``custom_checkpoint_0.pkl``), and accelerate loads those with ``weights_only=False``, so a
+    checkpoint folder could run code on resume.
+    """
 
     def trainable(model) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
@@ -402,6 +407,9 @@ def _register_checkpoint_hooks(accelerator: Accelerator) -> None:
         if accelerator.is_main_process:
             state = {f"{i}.{n}": p.detach().float().cpu().contiguous() for i, m in enumerate(models) for n, p in trainable(m).items()}
             save_file(state, str(Path(folder) / LORA_FILE))
+            if ema is not None:
+                average = {str(i): t.detach().float().cpu().contiguous() for i, t in enumerate(ema.shadow_params)}
+                save_file(average, str(Path(folder) / EMA_FILE), metadata={"optimization_step": str(ema.optimization_step)})
         weights.clear()  # the base's weights are never written
 
     def load(models, folder) -> None:
@@ -412,10 +420,26 @@ def _register_checkpoint_hooks(accelerator: Accelerator) -> None:
                     raise BespokeError(f"checkpoint {folder} does not match this training job (no {n}); remove it or set resume off")
                 with torch.no_grad():
                     p.copy_(state[f"{i}.{n}"])
+        if ema is not None:
+            _load_average(ema, Path(folder) / EMA_FILE)
         models.clear()  # loaded here; accelerate must not load full models
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
+
+
+def _load_average(ema: EMAModel, path: Path) -> None:
+    """Resume the moving average saved beside the LoRA weights (see :func:`_register_checkpoint_hooks`)."""
+    if not path.is_file():  # a checkpoint from before the average was kept here (it was pickled then)
+        raise BespokeError(f"checkpoint {path.parent} holds no {EMA_FILE}; remove it or set resume off")
+    with safe_open(str(path), framework="pt") as f:
+        step, keys = (f.metadata() or {}).get("optimization_step", ""), set(f.keys())
+        if not step.isascii() or not step.isdigit() or keys != {str(i) for i in range(len(ema.shadow_params))}:
+            raise BespokeError(f"checkpoint file {path} does not hold this job's moving average; remove it or set resume off")
+        with torch.no_grad():
+            for i, shadow in enumerate(ema.shadow_params):
+                shadow.copy_(f.get_tensor(str(i)))
+    ema.optimization_step = int(step)
 
 
 def _read_state(path: Path) -> dict | None:
