@@ -29,7 +29,10 @@ def subject_instance(subject: str | world.Instance) -> world.Instance:
             raise ValueError(f"unknown sample subject {subject!r}; names look like 'robot-3' (one of: {', '.join(SAMPLE_SUBJECTS[:3])}, ...)")
         instance = world.Instance(cls, int(idx))
     if not world.is_held_out(instance):
-        raise ValueError(f"{instance} is not a held-out instance; the base was pretrained on it")
+        raise ValueError(
+            f"{instance.cls}-{instance.idx} is not a held-out subject (the base was pretrained on it); "
+            f"held-out subjects are {instance.cls}-0 to {instance.cls}-{world.N_HELD_OUT_PER_CLASS - 1}"
+        )
     return instance
 
 

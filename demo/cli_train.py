@@ -190,13 +190,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_SAMPLE_PHOTOS = 100  # far more photos than personalization takes (4 to 20)
+
+
 def cmd_sample_subject(args: argparse.Namespace) -> int:
     from adapters.samples import save_sample_subject
     from demo.cli import output_folder
     from gen.errors import InvalidRequest
 
-    if args.num_images < 1:  # 0 would write nothing and succeed; a negative count fails deep in numpy, naming the wrong thing
-        raise InvalidRequest(f"-n/--num-images must be at least 1, got {args.num_images}")
+    if not 1 <= args.num_images <= MAX_SAMPLE_PHOTOS:  # 0 wrote nothing and succeeded; 100000 ran for minutes without a word
+        raise InvalidRequest(f"-n/--num-images must be between 1 and {MAX_SAMPLE_PHOTOS}, got {args.num_images}")
     output_folder(args.out)
     try:
         paths = save_sample_subject(args.subject, args.out, n=args.num_images, seed=args.seed)

@@ -103,7 +103,7 @@ def test_seeds_and_photo_counts_out_of_range_are_usage_errors(tmp_path, monkeypa
             main(["generate", "--prompt", "x", "--seed", seed, "--out", str(tmp_path / "out")])
         assert exited.value.code == 2
         assert f"seed must be between 0 and {2**63 - 1} (2**63 - 1), got {int(seed)}" in capsys.readouterr().err
-    for n in ("0", "-1"):
+    for n in ("0", "-1", "101"):
         assert main(["sample-subject", "robot-3", "--out", str(tmp_path / "photos"), "-n", n]) == 2
-        _one_error_line(capsys.readouterr().err, f"-n/--num-images must be at least 1, got {n}")
+        _one_error_line(capsys.readouterr().err, f"-n/--num-images must be between 1 and 100, got {n}")
     assert not (tmp_path / "photos").exists()

@@ -139,7 +139,7 @@ def test_sample_subjects_are_held_out_and_deterministic(tmp_path):
     assert not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))
     paths = save_sample_subject("mug-0", tmp_path, n=2)
     assert [p.name for p in paths] == ["mug-0-0.png", "mug-0-1.png"] and len(load_images(tmp_path)) == 2
-    with pytest.raises(ValueError, match="not a held-out instance"):
+    with pytest.raises(ValueError, match="robot-42 is not a held-out subject"):
         subject_instance("robot-42")
     for name in ("unicorn-1", "robot-\u00b2"):  # a superscript two passes str.isdigit, not int()
         with pytest.raises(ValueError, match="unknown sample subject"):

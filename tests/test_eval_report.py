@@ -79,7 +79,7 @@ def test_eval_refuses_unclear_requests_with_one_line_errors(tiny_sd_dir, registr
     assert main([*common, "--concept", "nope", "--subject", "robot-0"]) == 2
     assert "no concept 'nope'" in capsys.readouterr().err
     assert main([*common, "--concept", "robo", "--subject", "robot-77"]) == 2
-    assert "not a held-out instance" in capsys.readouterr().err
+    assert "robot-77 is not a held-out subject" in capsys.readouterr().err
     assert main(["eval", "--base", tiny_sd_dir, "--out", str(tmp_path / "y")]) == 2
     assert "--train" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
@@ -120,7 +120,7 @@ def test_eval_of_a_training_configuration_checks_every_subject_before_training(m
 
     trained = []
     monkeypatch.setattr(adapters.train, "personalize", lambda *a, **k: trained.append(a) or pytest.fail("trained before checking the names"))
-    with pytest.raises(EvaluationError, match="idx=99.* not a held-out instance"):
+    with pytest.raises(EvaluationError, match="robot-99 is not a held-out subject.*robot-0 to robot-9"):
         evaluate_config(None, ["robot-0", "robot-99"])  # no base needed: refused before anything uses it
     assert trained == []
 

@@ -459,3 +459,12 @@ def test_crash_while_writing_a_blob_leaves_no_visible_trace(reg, sd, monkeypatch
     (reg.blobs.tmp_dir / "deadbeef.part").write_bytes(b"half a blob")  # as a SIGKILL would leave it
     report = reg.verify()
     assert report.ok and report.temp_files_removed == 1
+
+
+@pytest.mark.parametrize("version", ["-1", "+0", -1])
+def test_a_negative_version_is_named_as_a_version(reg, sd, version):
+    """"-1" was taken for an alias and refused for its leading "-", which said nothing about versions."""
+    alice = reg.for_user("alice")
+    alice.put(random_adapter(sd[1]), sd[0], "rex")
+    with pytest.raises(NotFound, match="versions start at 1"):
+        alice.get("rex", version)

@@ -61,8 +61,8 @@ def _spec(base: Base | BaseSpec) -> BaseSpec:
 def _ref(version: VersionRef) -> VersionRef:
     if isinstance(version, bool) or not isinstance(version, (int, str)):
         raise NotFound(f"version must be a number, 'latest' or an alias, not {version!r}")
-    if isinstance(version, str) and version.isascii() and version.isdigit():  # not "²": str.isdigit takes it, int() does not
-        version = int(version)
+    if isinstance(version, str) and version.isascii() and version.lstrip("+-").isdigit():  # not "²": str.isdigit takes it, int() does not
+        version = int(version)  # "-1" too: as an alias it was refused for its "-", which says nothing of versions
     if isinstance(version, int):
         if version < 1:
             raise NotFound(f"version {version} does not exist; versions start at 1")
