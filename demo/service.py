@@ -22,8 +22,8 @@ Messages for the page hide server paths (:meth:`DemoService.public`); the server
 
 from __future__ import annotations
 
-import math
 import logging
+import math
 import re
 import secrets
 import shutil
