@@ -152,6 +152,15 @@ class AdapterEvaluation:
             return None
         return set(self.subject.fingerprints) == set(self.record["data_fingerprints"])
 
+    def alarms(self) -> list[str]:
+        """The verdict's plain-language alarms, for the page and the JSON alike."""
+        out = metric_warnings(self.run.metrics, _fraction(self)) + self.diagnostics.warnings
+        if len(self.subject.references) == 1:  # real vs real reads 1.0 by definition then
+            out.insert(0, "one reference photo: real vs real cannot be measured, so subject fidelity is the raw similarity, not a ratio")
+        if self.composition is not None:
+            out += self.composition.overlap.warnings
+        return out
+
 
 def _label(adapter: LoraAdapter) -> str:
     return adapter_label(adapter)
@@ -440,10 +449,7 @@ def write_report(evaluation: AdapterEvaluation, folder: str | Path, title: str |
         report.warnings(["the references are not the adapter's training photos (their fingerprints differ): memorization is measured against these references"])
 
     report.heading("Verdict")
-    alarms = metric_warnings(run.metrics, _fraction(ev)) + ev.diagnostics.warnings
-    if ev.composition is not None:
-        alarms += ev.composition.overlap.warnings
-    report.warnings(alarms, ok="no alarms: fidelity, prompt following, prior and weights look healthy")
+    report.warnings(ev.alarms(), ok="no alarms: fidelity, prompt following, prior and weights look healthy")
 
     report.heading("Benchmark (DreamBench-style)")
     report.table(["metric", "value", "meaning"], [[label, run.metrics.get(key), meaning] for key, label, meaning in HEADLINE if key in run.metrics])
@@ -596,7 +602,7 @@ def report_data(ev: AdapterEvaluation, files: Sequence[str] = ()) -> dict[str, A
         "judge": ev.judge,
         "settings": asdict(ev.settings),
         "metrics": run.metrics,
-        "warnings": metric_warnings(run.metrics, _fraction(ev)) + ev.diagnostics.warnings,
+        "warnings": ev.alarms(),  # the composition's too (the JSON once left them out)
         "per_prompt": run.per_prompt,
         "attribute_accuracy": run.attribute_accuracy,
         "diagnostics": ev.diagnostics.to_dict(),

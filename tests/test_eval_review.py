@@ -205,3 +205,18 @@ def test_a_trigger_that_is_a_world_word_is_neither_scored_nor_steers_the_prompts
     assert all(f"{t} robot" in p for t in ("red", "left") for p in asked[t][:-1])  # the trigger is still what is sampled
     assert [p.replace("zq", "red") for p in asked["zq"]] == asked["red"]  # and it did not change which captions were drawn
     assert metrics["red"]["prompt_fidelity"] == metrics["left"]["prompt_fidelity"] == metrics["zq"]["prompt_fidelity"]
+
+
+def test_the_verdict_says_when_one_photo_leaves_real_vs_real_unmeasured_and_the_json_keeps_composition_alarms():
+    from adapters.evaluation import AdapterEvaluation
+
+    photos = sample_subject_images("robot-3", 2)
+    overlap = SimpleNamespace(warnings=["the two adapters share layer x"])
+    ev = SimpleNamespace(
+        run=SimpleNamespace(metrics={"subject_fidelity": 0.9}), diagnostics=SimpleNamespace(warnings=[]), judge={"prompt": "world"},
+        subject=SimpleNamespace(references=photos[:1]), composition=SimpleNamespace(overlap=overlap),
+    )
+    alarms = AdapterEvaluation.alarms(ev)
+    assert alarms[0].startswith("one reference photo") and alarms[-1] == "the two adapters share layer x"
+    ev.subject.references = photos
+    assert AdapterEvaluation.alarms(ev) == ["the two adapters share layer x"]
